@@ -1,0 +1,46 @@
+//! The [`ProgressBus`] trait: events from workers to every API process.
+
+use std::fmt;
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+
+use crate::{BackendResult, EventPayload, JobEvent, JobId};
+
+/// A stream of a job's events, in `seq` order.
+pub type EventStream = BoxStream<'static, BackendResult<JobEvent>>;
+
+/// A stream of cancel requests (job ids), for workers.
+pub type CancelStream = BoxStream<'static, BackendResult<JobId>>;
+
+/// Carries [`JobEvent`]s from workers to every API process, and cancel requests to workers.
+///
+/// Semantics every implementation keeps (the [test kit](crate::testkit) checks them):
+/// - [`publish`](Self::publish) gives each event of a job the next `seq` (1, 2, 3, …), whichever
+///   process publishes it.
+/// - [`subscribe`](Self::subscribe) first replays the retained events with `seq > after_seq`,
+///   then streams live ones: in order, with no gap and no duplicate, even while events are being
+///   published during the switch from replay to live.
+/// - One process holds a bounded number of backend connections for all its subscribers.
+/// - A [`signal_cancel`](Self::signal_cancel) reaches every live
+///   [`cancel_signals`](Self::cancel_signals) stream, in every process.
+#[async_trait]
+pub trait ProgressBus: fmt::Debug + Send + Sync + 'static {
+    /// Publishes an event of `job`; returns it with its `seq` and time.
+    async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent>;
+
+    /// The retained events of `job` after `after_seq`, then its live events.
+    async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream>;
+
+    /// Asks whichever worker runs `job` to stop it.
+    async fn signal_cancel(&self, job: JobId) -> BackendResult<()>;
+
+    /// Cancel requests from now on, from every process.
+    async fn cancel_signals(&self) -> BackendResult<CancelStream>;
+
+    /// Forgets the retained events of `job` (after its retention).
+    async fn purge(&self, job: JobId) -> BackendResult<()>;
+
+    /// Answers when the backend is reachable.
+    async fn health(&self) -> BackendResult<()>;
+}

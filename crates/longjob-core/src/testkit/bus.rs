@@ -1,0 +1,218 @@
+//! Conformance cases for [`ProgressBus`].
+
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::bus::EventStream;
+use crate::{EventPayload, JobEvent, JobId, Progress, ProgressBus};
+
+use super::within;
+
+/// Expands to one `#[tokio::test]` per [`ProgressBus`](crate::ProgressBus) case, each with a
+/// fresh bus from `$make` (an expression giving a future of the bus).
+#[macro_export]
+macro_rules! bus_conformance {
+    ($make:expr) => {
+        $crate::__conformance_cases!(bus, $make;
+            publish_numbers_events_from_one,
+            subscribe_replays_after_seq_then_streams_live,
+            replay_to_live_switch_has_no_gap_and_no_duplicate,
+            concurrent_publishers_get_distinct_seqs,
+            events_of_each_job_arrive_in_order,
+            many_subscribers_each_see_every_event,
+            cancel_signal_reaches_listeners,
+            purge_forgets_retained_events,
+        );
+    };
+}
+
+fn progress(n: u64) -> EventPayload {
+    EventPayload::Progress {
+        progress: Progress {
+            current: n,
+            total: 1_000_000,
+            ..Progress::default()
+        },
+    }
+}
+
+async fn take(stream: &mut EventStream, n: usize) -> Vec<JobEvent> {
+    within(30, "events", async {
+        let mut events = Vec::with_capacity(n);
+        while events.len() < n {
+            match stream.next().await {
+                Some(Ok(event)) => events.push(event),
+                Some(Err(e)) => panic!("stream error: {e}"),
+                None => panic!("stream ended after {} of {n} events", events.len()),
+            }
+        }
+        events
+    })
+    .await
+}
+
+fn seqs(events: &[JobEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.seq).collect()
+}
+
+/// The first event of a job has `seq` 1, the next 2, and so on; `publish` returns the event.
+pub async fn publish_numbers_events_from_one(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    for n in 1..=3 {
+        let event = bus.publish(job, progress(n)).await.unwrap();
+        assert_eq!(event.seq, n);
+        assert_eq!(event.job_id, job);
+        assert_eq!(event.payload, progress(n));
+    }
+    bus.health().await.unwrap();
+}
+
+/// `subscribe(after)` replays the retained events after `after`, then live ones.
+pub async fn subscribe_replays_after_seq_then_streams_live(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    for n in 1..=10 {
+        bus.publish(job, progress(n)).await.unwrap();
+    }
+    let mut from_four = bus.subscribe(job, 4).await.unwrap();
+    let mut from_zero = bus.subscribe(job, 0).await.unwrap();
+    assert_eq!(
+        seqs(&take(&mut from_four, 6).await),
+        (5..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        seqs(&take(&mut from_zero, 10).await),
+        (1..=10).collect::<Vec<_>>()
+    );
+    bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    let live = take(&mut from_four, 1).await;
+    assert_eq!(live[0].seq, 11);
+    assert_eq!(live[0].payload, EventPayload::Cancelled {});
+    assert_eq!(take(&mut from_zero, 1).await[0].seq, 11);
+}
+
+/// Subscribers that join while events are being published see every event after their
+/// `after_seq`, once, in order: the switch from replay to live loses and repeats nothing.
+pub async fn replay_to_live_switch_has_no_gap_and_no_duplicate(bus: &impl ProgressBus) {
+    const EVENTS: u64 = 400;
+    let job = JobId::new();
+    let publisher = async {
+        for n in 1..=EVENTS {
+            bus.publish(job, progress(n)).await.unwrap();
+            if n % 20 == 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+    let subscribers = (0..8u64).map(|i| async move {
+        tokio::time::sleep(Duration::from_millis(15 * i)).await;
+        let after = (i * 37) % 50;
+        let mut stream = bus.subscribe(job, after).await.unwrap();
+        let events = take(&mut stream, (EVENTS - after) as usize).await;
+        assert_eq!(
+            seqs(&events),
+            (after + 1..=EVENTS).collect::<Vec<_>>(),
+            "subscriber {i}"
+        );
+    });
+    within(60, "publish while subscribing", async {
+        tokio::join!(publisher, futures::future::join_all(subscribers))
+    })
+    .await;
+}
+
+/// Two publishers of the same job (as two processes would be) get distinct, gapless seqs.
+pub async fn concurrent_publishers_get_distinct_seqs(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    let publish = |base: u64| async move {
+        let mut seqs = Vec::new();
+        for n in 0..100 {
+            seqs.push(bus.publish(job, progress(base + n)).await.unwrap().seq);
+        }
+        seqs
+    };
+    let (a, b) = tokio::join!(publish(0), publish(1000));
+    let mut all: Vec<u64> = a.into_iter().chain(b).collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=200).collect::<Vec<_>>());
+}
+
+/// Events of jobs published concurrently reach each job's subscribers, in order, and only theirs.
+pub async fn events_of_each_job_arrive_in_order(bus: &impl ProgressBus) {
+    let jobs: Vec<JobId> = (0..4).map(|_| JobId::new()).collect();
+    let mut streams = Vec::new();
+    for job in &jobs {
+        streams.push(bus.subscribe(*job, 0).await.unwrap());
+    }
+    let publishers = jobs.iter().map(|job| async move {
+        for n in 1..=50 {
+            bus.publish(*job, progress(n)).await.unwrap();
+        }
+    });
+    futures::future::join_all(publishers).await;
+    for (job, stream) in jobs.iter().zip(&mut streams) {
+        let events = take(stream, 50).await;
+        assert!(events.iter().all(|e| e.job_id == *job));
+        assert_eq!(seqs(&events), (1..=50).collect::<Vec<_>>());
+        let currents: Vec<u64> = events
+            .iter()
+            .map(|e| match &e.payload {
+                EventPayload::Progress { progress } => progress.current,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            currents,
+            (1..=50).collect::<Vec<_>>(),
+            "payloads out of order"
+        );
+    }
+}
+
+/// A hundred subscribers of one job each see every event.
+pub async fn many_subscribers_each_see_every_event(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    let mut streams = Vec::new();
+    for _ in 0..100 {
+        streams.push(bus.subscribe(job, 0).await.unwrap());
+    }
+    for n in 1..=20 {
+        bus.publish(job, progress(n)).await.unwrap();
+    }
+    for stream in &mut streams {
+        assert_eq!(seqs(&take(stream, 20).await), (1..=20).collect::<Vec<_>>());
+    }
+}
+
+/// A cancel signal reaches every listener.
+pub async fn cancel_signal_reaches_listeners(bus: &impl ProgressBus) {
+    let mut first = bus.cancel_signals().await.unwrap();
+    let mut second = bus.cancel_signals().await.unwrap();
+    // Give backends with an asynchronous subscription time to establish it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let job = JobId::new();
+    bus.signal_cancel(job).await.unwrap();
+    for stream in [&mut first, &mut second] {
+        let got = within(10, "cancel signal", stream.next()).await;
+        assert_eq!(got.unwrap().unwrap(), job);
+    }
+}
+
+/// After `purge`, nothing of the job is replayed.
+pub async fn purge_forgets_retained_events(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    let other = JobId::new();
+    for n in 1..=5 {
+        bus.publish(job, progress(n)).await.unwrap();
+        bus.publish(other, progress(n)).await.unwrap();
+    }
+    bus.purge(job).await.unwrap();
+    let mut stream = bus.subscribe(job, 0).await.unwrap();
+    let replayed = tokio::time::timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(
+        !matches!(replayed, Ok(Some(Ok(_)))),
+        "purged events were replayed: {replayed:?}"
+    );
+    let mut kept = bus.subscribe(other, 0).await.unwrap();
+    assert_eq!(seqs(&take(&mut kept, 5).await), (1..=5).collect::<Vec<_>>());
+}
