@@ -18,7 +18,9 @@ use serde_json::json;
 use utoipa::ToSchema;
 
 use crate::jobs::Owner;
-use crate::{ApiError, ApiJson, AppState, SubmitRequest};
+use longjob_core::SubmitRequest;
+
+use crate::{ApiError, ApiJson, AppState};
 
 /// The smallest file id accepted.
 pub const MIN_FILE_ID: i64 = 10_000;

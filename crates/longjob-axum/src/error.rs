@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use crate::facade::LongJobError;
+use longjob_core::LongJobError;
 
 /// An API error: an HTTP status, a stable machine-readable code, a message and details.
 ///

@@ -357,7 +357,7 @@ pub(crate) async fn download_url(
         job_id: id,
         download_url: url.url,
         expires_at: url.expires_at,
-        expires_in: url.expires_in,
+        expires_in: url.expires_in.as_secs(),
         file_size: url.size,
         file_name: url.file_name,
     };

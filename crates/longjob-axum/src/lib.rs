@@ -57,8 +57,8 @@ pub use downloads::{
     Delay, Downloads, FileInfo, FileSource, MAX_FILE_ID, MAX_FILE_IDS, MIN_FILE_ID,
 };
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub use facade::{DownloadUrl, HealthReport, LongJob, LongJobError, SubmitRequest, Submitted};
 pub use json::ApiJson;
+pub use longjob_core::{LongJob, LongJobError};
 pub use metrics::Metrics;
 pub use ratelimit::RateLimit;
 

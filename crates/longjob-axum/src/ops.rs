@@ -34,13 +34,19 @@ pub struct HealthBody {
         (status = 503, description = "A backend does not answer", body = HealthBody),
     ))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
-    let report = state.lj.health().await;
+    let report = state.lj.health(std::time::Duration::from_secs(3)).await;
     let mut body = HealthBody {
         status: "healthy",
         checks: BTreeMap::new(),
         error: BTreeMap::new(),
     };
-    for (name, result) in report.checks {
+    let checks = [
+        ("storage", report.storage),
+        ("store", report.store),
+        ("queue", report.queue),
+        ("bus", report.bus),
+    ];
+    for (name, result) in checks {
         match result {
             Ok(()) => {
                 body.checks.insert(name, "ok");
