@@ -207,9 +207,15 @@ impl ApiBuilder {
 
     /// The complete application: routes, a JSON 404 fallback and every layer.
     pub fn build(self) -> Router {
+        self.build_with(Router::new())
+    }
+
+    /// The complete application with `extra` routes of the host merged in (under the same
+    /// layers and fallback).
+    pub fn build_with(self, extra: Router) -> Router {
         let config = self.config.clone();
         let metrics = Arc::clone(&self.metrics);
-        let router = routes(self.state()).fallback(error::not_found);
+        let router = routes(self.state()).merge(extra).fallback(error::not_found);
         layers(router, &config, metrics)
     }
 }
