@@ -45,6 +45,7 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::routing::{get, post};
 use longjob_core::BlobStore;
 use longjob_core::signing::UrlSigner;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -329,6 +330,10 @@ fn layers(router: Router, config: &HttpConfig, metrics: Arc<Metrics>) -> Router 
             metrics::middleware,
         ))
         .layer(TraceLayer::new_for_http())
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            tracing::error!("a handler panicked");
+            axum::response::IntoResponse::into_response(ApiError::internal())
+        }))
         .layer(cors(config))
         .layer(axum::middleware::from_fn(error::normalize_errors));
     for (name, value) in SECURITY_HEADERS {

@@ -18,7 +18,10 @@ use governor::{Quota, RateLimiter};
 use crate::ApiError;
 use crate::metrics::Metrics;
 
-/// At most `max_requests` per `window` per client (its API key, else its address).
+/// At most `max_requests` per `window` per client: its API key when it presents one, else its
+/// address (from axum's `ConnectInfo<SocketAddr>`, so serve the app with
+/// `into_make_service_with_connect_info::<SocketAddr>()`; without it every caller without a key
+/// shares one budget). The limit is per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     /// The window.

@@ -7,12 +7,14 @@
 
 use std::sync::Arc;
 
+use longjob_axum::FileSource;
 use longjob_core::local_disk::LocalDiskBlobStore;
 use longjob_core::memory::{MemoryJobStore, MemoryProgressBus, MemoryQueue};
 use longjob_core::signing::UrlSigner;
 use longjob_core::{BlobStore, JobStore, ProgressBus, Queue};
 
 use crate::config::{Config, set};
+use crate::mock::MockSource;
 
 /// The four backends, their names for the start-up line, and the signer of local URLs.
 #[derive(Debug)]
@@ -25,6 +27,8 @@ pub struct Backends {
     pub bus: Arc<dyn ProgressBus>,
     /// Result storage.
     pub blobs: Arc<dyn BlobStore>,
+    /// Where the download service's files come from (the mock rule, or the source bucket).
+    pub source: Arc<dyn FileSource>,
     /// The signer of the local file route, when the blob store is a built-in one.
     pub signer: Option<UrlSigner>,
     /// `store=memory queue=memory bus=memory blobs=local-disk(./.run/blobs)`.
@@ -85,6 +89,7 @@ pub async fn build(config: &Config, prefix: &str) -> Result<Backends, BackendCon
         queue: Arc::new(MemoryQueue::new()),
         bus: Arc::new(MemoryProgressBus::default()),
         blobs: Arc::new(blobs),
+        source: Arc::new(MockSource),
         signer: Some(signer),
         description: format!(
             "store=memory queue=memory bus=memory blobs=local-disk({})",

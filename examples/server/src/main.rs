@@ -105,7 +105,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         .config(lj_config)
         .build();
 
-    let source: Arc<dyn longjob_axum::FileSource> = Arc::new(mock::MockSource);
+    let source = Arc::clone(&backends.source);
     let mut worker_config = WorkerConfig::default();
     worker_config.concurrency = config.worker_concurrency.max(1);
     // A progress event per file, however fast files go.
