@@ -232,8 +232,9 @@ fn default_message(status: StatusCode) -> &'static str {
 }
 
 /// Middleware: every response with a status of 400 or more leaves with the API's JSON error
-/// body and its `requestId`, whoever produced it; a timeout (408) becomes 504 and a rejected
-/// JSON body (422) becomes 400.
+/// body and its `requestId`, whoever produced it (a handler's own JSON answer excepted); a
+/// timeout (408) becomes 504 and a rejected JSON body (422) becomes 400. A CORS preflight
+/// answers 204.
 pub async fn normalize_errors(req: Request, next: Next) -> Response {
     let request_id = req
         .headers()
@@ -252,6 +253,15 @@ pub async fn normalize_errors(req: Request, next: Next) -> Response {
         return res;
     }
     if status.as_u16() < 400 {
+        return res;
+    }
+    let deliberate_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if deliberate_json && res.extensions().get::<Rendered>().is_none() {
+        // A handler's own JSON answer (such as the unhealthy `/health`): leave it as it is.
         return res;
     }
     let (mut parts, body) = res.into_parts();

@@ -330,10 +330,12 @@ fn layers(router: Router, config: &HttpConfig, metrics: Arc<Metrics>) -> Router 
             metrics::middleware,
         ))
         .layer(TraceLayer::new_for_http())
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("a handler panicked");
-            axum::response::IntoResponse::into_response(ApiError::internal())
-        }))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("a handler panicked");
+                axum::response::IntoResponse::into_response(ApiError::internal())
+            },
+        ))
         .layer(cors(config))
         .layer(axum::middleware::from_fn(error::normalize_errors));
     for (name, value) in SECURITY_HEADERS {

@@ -49,7 +49,9 @@ async fn serve() -> (String, LongJob, WorkerHandle) {
         ws_ping: Duration::from_millis(100),
         ..HttpConfig::default()
     };
-    let host = Router::new().route("/mine", get(|| async { "my own route" }));
+    let host = Router::new()
+        .route("/mine", get(|| async { "my own route" }))
+        .route("/boom", get(boom));
     let app = ApiBuilder::new(lj.clone())
         .config(config)
         .prefix("/api/jobs")
@@ -71,6 +73,17 @@ async fn mounted_under_a_prefix_with_the_hosts_own_auth_and_routes() {
         .await
         .unwrap();
     assert_eq!(res.text().await.unwrap(), "my own route");
+
+    // A panic is a JSON 500 that leaks nothing.
+    let res = http
+        .get(format!("http://{addr}/boom"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 500);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "internal_error");
+    assert!(!body.to_string().contains("boom"));
 
     let job = lj
         .submit(SubmitRequest::new("slow", "carol", serde_json::json!(2)))
@@ -163,4 +176,8 @@ async fn sse_sends_keep_alive_comments_and_websocket_pings() {
     }
     assert!(pings >= 1, "pings while the job runs");
     assert_eq!(last["type"], "completed");
+}
+
+async fn boom() -> &'static str {
+    panic!("boom")
 }

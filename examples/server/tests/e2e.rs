@@ -979,3 +979,28 @@ async fn a_download_url_of_a_deleted_result_is_410() {
     assert_error(res, 410, "gone").await;
     let _ = BTreeSet::<u64>::new();
 }
+
+#[tokio::test]
+async fn a_backend_down_gives_503_and_an_unhealthy_health() {
+    let s = Server::start(&[("DOWNLOAD_DELAY_ENABLED", "false")]).await;
+    let dir = common::blob_dir(&s);
+    std::fs::remove_dir_all(&dir).unwrap();
+    std::fs::write(&dir, b"not a directory").unwrap();
+    let res = s.get("/health").await;
+    assert_eq!(res.status(), 503);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["status"], "unhealthy");
+    assert_eq!(body["checks"]["storage"], "error");
+    assert_eq!(body["checks"]["store"], "ok");
+    assert!(body["error"]["storage"].is_string());
+    let res = s
+        .post_json(&format!("{FIRST}/start"), &json!({"file_id": 70000}))
+        .await;
+    assert!(res.headers().contains_key("retry-after"));
+    let body = assert_error(res, 503, "service_unavailable").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        !message.contains("not a directory") && !message.contains("/tmp"),
+        "no internals: {message}"
+    );
+}
