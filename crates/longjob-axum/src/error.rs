@@ -236,6 +236,12 @@ fn default_message(status: StatusCode) -> &'static str {
 /// timeout (408) becomes 504 and a rejected JSON body (422) becomes 400. A CORS preflight
 /// answers 204.
 pub async fn normalize_errors(req: Request, next: Next) -> Response {
+    let mut res = normalize(req, next).await;
+    crate::add_security_headers(res.headers_mut());
+    res
+}
+
+async fn normalize(req: Request, next: Next) -> Response {
     let request_id = req
         .headers()
         .get(crate::REQUEST_ID)

@@ -48,8 +48,9 @@ use longjob_core::signing::UrlSigner;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
-use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -119,6 +120,7 @@ pub(crate) struct Inner {
     pub(crate) files: Option<SignedFiles>,
     pub(crate) downloads: Option<Downloads>,
     pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: ops::HealthCache,
 }
 
 /// The handlers' state.
@@ -193,6 +195,7 @@ impl ApiBuilder {
             files: self.files,
             downloads: self.downloads,
             metrics: self.metrics,
+            health: ops::HealthCache::default(),
         })
     }
 
@@ -250,6 +253,29 @@ fn routes(state: AppState) -> Router {
             .route(&format!("{p}/start"), start);
     }
     r.with_state(state)
+}
+
+/// Request ids: a random (version 4) UUID from the thread's fast generator, without a
+/// system call per request.
+#[derive(Debug, Clone, Copy)]
+struct FastUuid;
+
+impl MakeRequestId for FastUuid {
+    fn make_request_id<B>(&mut self, _request: &axum::http::Request<B>) -> Option<RequestId> {
+        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = id.hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
+}
+
+/// Adds the security headers the replaced service sent, where a handler did not set them.
+pub(crate) fn add_security_headers(headers: &mut axum::http::HeaderMap) {
+    for (name, value) in SECURITY_HEADERS {
+        headers
+            .entry(HeaderName::from_static(name))
+            .or_insert_with(|| HeaderValue::from_static(value));
+    }
 }
 
 /// The security headers the replaced service sent (Hono's `secureHeaders` defaults).
@@ -338,13 +364,7 @@ fn layers(router: Router, config: &HttpConfig, metrics: Arc<Metrics>) -> Router 
         ))
         .layer(cors(config))
         .layer(axum::middleware::from_fn(error::normalize_errors));
-    for (name, value) in SECURITY_HEADERS {
-        router = router.layer(SetResponseHeaderLayer::if_not_present(
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        ));
-    }
     router
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+        .layer(SetRequestIdLayer::new(REQUEST_ID, FastUuid))
 }

@@ -1,6 +1,9 @@
 //! Operations routes: `/health`, `/metrics`, `/openapi.json` (and `/openapi`), `/docs`.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -34,7 +37,36 @@ pub struct HealthBody {
         (status = 503, description = "A backend does not answer", body = HealthBody),
     ))]
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
-    let report = state.lj.health(std::time::Duration::from_secs(3)).await;
+    // One check at a time, and its answer reused for a second: probes and load balancers
+    // may call this as often as they like without loading the backends.
+    let mut cached = state.health.lock().await;
+    let (code, bytes) = match cached.as_ref() {
+        Some((at, code, bytes)) if at.elapsed() < HEALTH_TTL => (*code, bytes.clone()),
+        _ => {
+            let (code, bytes) = check_health(&state).await;
+            *cached = Some((Instant::now(), code, bytes.clone()));
+            (code, bytes)
+        }
+    };
+    drop(cached);
+    let mut res = (code, bytes).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// How long a health answer is reused.
+const HEALTH_TTL: Duration = Duration::from_secs(1);
+
+/// The last health answer: when, its status, its body.
+pub(crate) type HealthCache = tokio::sync::Mutex<Option<(Instant, StatusCode, Bytes)>>;
+
+async fn check_health(state: &AppState) -> (StatusCode, Bytes) {
+    let report = state.lj.health(Duration::from_secs(3)).await;
     let mut body = HealthBody {
         status: "healthy",
         checks: BTreeMap::new(),
@@ -52,6 +84,7 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
                 body.checks.insert(name, "ok");
             }
             Err(e) => {
+                tracing::warn!(check = name, error = %e, "health check failed");
                 body.checks.insert(name, "error");
                 body.error.insert(name, e);
                 body.status = "unhealthy";
@@ -63,10 +96,10 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut res = (code, axum::Json(body)).into_response();
-    res.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    res
+    (
+        code,
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    )
 }
 
 /// `GET /metrics`

@@ -986,6 +986,8 @@ async fn a_backend_down_gives_503_and_an_unhealthy_health() {
     let dir = common::blob_dir(&s);
     std::fs::remove_dir_all(&dir).unwrap();
     std::fs::write(&dir, b"not a directory").unwrap();
+    // Health answers are reused for a second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let res = s.get("/health").await;
     assert_eq!(res.status(), 503);
     let body: Value = res.json().await.unwrap();
