@@ -22,6 +22,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, set};
 
+/// A faster allocator than the system's for the many small allocations of request handling.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const DEMO_HTML: &str = include_str!("../assets/demo.html");
 const PREFIX: &str = "/v1/download";
 
