@@ -670,9 +670,11 @@ async fn websocket_follows_a_job_resumes_with_after_and_closes_after_the_termina
 
 #[tokio::test]
 async fn cancel_stops_a_running_job_within_a_second_and_retry_requeues_it() {
+    // One worker slot: the next job can start only once the cancelled handler has stopped.
     let s = Server::start(&[
         ("DOWNLOAD_DELAY_MIN_MS", "20000"),
         ("DOWNLOAD_DELAY_MAX_MS", "20000"),
+        ("WORKER_CONCURRENCY", "1"),
     ])
     .await;
     let id = s.initiate(&[70000, 70007], None).await;
@@ -680,13 +682,22 @@ async fn cancel_stops_a_running_job_within_a_second_and_retry_requeues_it() {
         b["status"] == "processing"
     })
     .await;
-    let started = Instant::now();
+    let next = s.initiate(&[70014], None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let waiting: Value = s
+        .get(&format!("{FIRST}/job/{next}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(waiting["status"], "queued", "the only worker slot is busy");
     let res = s
         .http
         .post(s.url(&format!("{FIRST}/job/{id}/cancel")))
         .send()
         .await
         .unwrap();
+    let cancelled_at = Instant::now();
     assert_eq!(res.status(), 202);
     let body: Value = res.json().await.unwrap();
     assert_eq!(body["jobId"], id.as_str());
@@ -696,13 +707,21 @@ async fn cancel_stops_a_running_job_within_a_second_and_retry_requeues_it() {
             b["status"] == "cancelled"
         })
         .await;
-    assert!(started.elapsed() < Duration::from_secs(1));
     assert!(
         status["files"]
             .as_array()
             .unwrap()
             .iter()
             .all(|f| f["status"] != "completed")
+    );
+    s.wait_status(&next, None, Duration::from_secs(3), |b| {
+        b["status"] == "processing"
+    })
+    .await;
+    let freed = cancelled_at.elapsed();
+    assert!(
+        freed < Duration::from_millis(1500),
+        "the cancelled handler stopped and freed its slot in {freed:?}"
     );
     // Cancelled twice: 409. Download URL of a cancelled job: 409.
     let res = s
