@@ -97,6 +97,7 @@ impl Default for HttpConfig {
             rate_limit: Some(RateLimit {
                 window: Duration::from_secs(60),
                 max_requests: 100,
+                trust_forwarded_for: false,
             }),
             sse_keep_alive: Duration::from_secs(15),
             ws_ping: Duration::from_secs(30),

@@ -18,16 +18,19 @@ use governor::{Quota, RateLimiter};
 use crate::ApiError;
 use crate::metrics::Metrics;
 
-/// At most `max_requests` per `window` per client: its API key when it presents one, else its
-/// address (from axum's `ConnectInfo<SocketAddr>`, so serve the app with
-/// `into_make_service_with_connect_info::<SocketAddr>()`; without it every caller without a key
-/// shares one budget). The limit is per process.
+/// At most `max_requests` per `window` per client, told apart by address (from axum's `ConnectInfo<SocketAddr>`, so serve the app with
+/// `into_make_service_with_connect_info::<SocketAddr>()`; without it every caller shares one
+/// budget). The limit is per process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimit {
     /// The window.
     pub window: Duration,
     /// Requests allowed per window (a burst of that many is allowed).
     pub max_requests: u32,
+    /// Behind a reverse proxy: take the client's address from the first entry of
+    /// `X-Forwarded-For` (or `X-Real-IP`) rather than from the connection. Only enable it when
+    /// a proxy you run sets that header, or clients can choose their own budget.
+    pub trust_forwarded_for: bool,
 }
 
 type Keyed =
@@ -35,6 +38,7 @@ type Keyed =
 
 pub(crate) struct Limiter {
     limiter: Keyed,
+    trust_forwarded_for: bool,
     limit: u32,
     period: Duration,
     pub(crate) metrics: Option<Arc<Metrics>>,
@@ -57,15 +61,30 @@ impl Limiter {
         Some(Self {
             limiter: RateLimiter::hashmap(quota).with_middleware::<StateInformationMiddleware>(),
             limit: max.get(),
+            trust_forwarded_for: limit.trust_forwarded_for,
             period,
             metrics: None,
         })
     }
 }
 
-fn client_key(req: &Request) -> String {
-    if let Some(key) = crate::auth::presented_key(req.headers()) {
-        return format!("key:{key}");
+fn forwarded_for(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .or_else(|| headers.get("x-real-ip").and_then(|v| v.to_str().ok()))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+fn client_key(req: &Request, trust_forwarded_for: bool) -> String {
+    // Not by API key: the limit runs before authentication, and unchecked keys would let a
+    // client pick a fresh budget per request.
+    if trust_forwarded_for {
+        if let Some(ip) = forwarded_for(req.headers()) {
+            return format!("ip:{ip}");
+        }
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
         Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
@@ -90,7 +109,7 @@ pub(crate) async fn middleware(
     if limiter.limiter.len() > 100_000 {
         limiter.limiter.retain_recent();
     }
-    let key = client_key(&req);
+    let key = client_key(&req, limiter.trust_forwarded_for);
     match limiter.limiter.check_key(&key) {
         Ok(snapshot) => {
             let remaining = u64::from(snapshot.remaining_burst_capacity());

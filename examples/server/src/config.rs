@@ -40,6 +40,9 @@ pub struct Config {
     /// Requests per window per client (0: no limit).
     #[arg(long, env = "RATE_LIMIT_MAX_REQUESTS", default_value_t = 100)]
     pub rate_limit_max_requests: u32,
+    /// Behind a reverse proxy: rate-limit clients by X-Forwarded-For rather than by connection.
+    #[arg(long, env = "TRUST_PROXY", default_value = "false", value_parser = parse_bool, action = clap::ArgAction::Set)]
+    pub trust_proxy: bool,
     /// The shortest simulated processing time of a download.
     #[arg(long, env = "DOWNLOAD_DELAY_MIN_MS", default_value_t = 10_000)]
     pub download_delay_min_ms: u64,

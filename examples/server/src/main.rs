@@ -141,6 +141,7 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
         rate_limit: Some(RateLimit {
             window: Config::ms(config.rate_limit_window_ms),
             max_requests: config.rate_limit_max_requests,
+            trust_forwarded_for: config.trust_proxy,
         }),
         ..HttpConfig::default()
     };

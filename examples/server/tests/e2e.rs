@@ -463,6 +463,24 @@ async fn rate_limit_answers_429_with_headers() {
     assert_error(res, 429, "rate_limited").await;
     // Probes are not limited.
     assert_eq!(s.get("/health").await.status(), 200);
+
+    // Behind a proxy, clients are told apart by X-Forwarded-For.
+    let s = Server::start(&[
+        ("RATE_LIMIT_MAX_REQUESTS", "1"),
+        ("RATE_LIMIT_WINDOW_MS", "60000"),
+        ("TRUST_PROXY", "true"),
+    ])
+    .await;
+    let check = |ip: &'static str| {
+        s.http
+            .post(s.url(&format!("{FIRST}/check")))
+            .header("x-forwarded-for", ip)
+            .json(&json!({"file_id": 70000}))
+            .send()
+    };
+    assert_eq!(check("10.0.0.1").await.unwrap().status(), 200);
+    assert_eq!(check("10.0.0.1").await.unwrap().status(), 429);
+    assert_eq!(check("10.0.0.2").await.unwrap().status(), 200);
 }
 
 #[tokio::test]
