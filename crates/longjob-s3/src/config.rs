@@ -68,6 +68,10 @@ impl fmt::Debug for S3Credentials {
 pub struct S3Config {
     /// A custom endpoint (MinIO, RustFS, Ceph, …), e.g. `http://127.0.0.1:9000`; `None` for AWS S3.
     pub endpoint: Option<String>,
+    /// The endpoint put into presigned URLs, when clients reach the server under another address
+    /// than this process does (e.g. `http://minio:9000` inside a container network,
+    /// `https://files.example.com` outside); `None` for the same as `endpoint`.
+    pub public_endpoint: Option<String>,
     /// The region (`us-east-1` by default; S3-compatible servers mostly ignore it).
     pub region: String,
     /// The bucket.
@@ -92,6 +96,7 @@ impl S3Config {
     pub fn new(bucket: impl Into<String>) -> Self {
         Self {
             endpoint: None,
+            public_endpoint: None,
             region: DEFAULT_REGION.to_owned(),
             bucket: bucket.into(),
             key_prefix: String::new(),
@@ -105,6 +110,12 @@ impl S3Config {
     /// Sets the endpoint.
     pub fn endpoint(mut self, endpoint: impl Into<String>) -> Self {
         self.endpoint = Some(endpoint.into());
+        self
+    }
+
+    /// Sets the endpoint put into presigned URLs.
+    pub fn public_endpoint(mut self, endpoint: impl Into<String>) -> Self {
+        self.public_endpoint = Some(endpoint.into());
         self
     }
 
@@ -154,6 +165,7 @@ impl S3Config {
     /// |---|---|---|
     /// | `S3_BUCKET_NAME` | the bucket | required |
     /// | `S3_ENDPOINT` | a custom endpoint URL | AWS S3 |
+    /// | `S3_PUBLIC_ENDPOINT` | the endpoint in presigned URLs, if clients reach the server elsewhere | `S3_ENDPOINT` |
     /// | `S3_REGION` | the region | `us-east-1` |
     /// | `S3_ACCESS_KEY_ID`, `S3_SECRET_ACCESS_KEY` | static credentials (both or neither) | the AWS default chain |
     /// | `S3_FORCE_PATH_STYLE` | `true`/`false` (also `1`/`0`, `yes`/`no`) | `true` with `S3_ENDPOINT`, else `false` |
@@ -172,6 +184,7 @@ impl S3Config {
         let bucket = var("S3_BUCKET_NAME").ok_or(S3ConfigError::Missing("S3_BUCKET_NAME"))?;
         let mut config = Self::new(bucket);
         config.endpoint = var("S3_ENDPOINT");
+        config.public_endpoint = var("S3_PUBLIC_ENDPOINT");
         if let Some(region) = var("S3_REGION") {
             config.region = region;
         }
@@ -234,14 +247,19 @@ impl S3Config {
         if self.timeout.is_zero() {
             return invalid("timeout", format!("{:?}", self.timeout), "must be positive");
         }
-        if let Some(endpoint) = &self.endpoint
-            && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
-        {
-            return invalid(
-                "endpoint",
-                endpoint.clone(),
-                "must start with http:// or https://",
-            );
+        for (name, endpoint) in [
+            ("endpoint", &self.endpoint),
+            ("public_endpoint", &self.public_endpoint),
+        ] {
+            if let Some(endpoint) = endpoint
+                && !(endpoint.starts_with("http://") || endpoint.starts_with("https://"))
+            {
+                return invalid(
+                    name,
+                    endpoint.clone(),
+                    "must start with http:// or https://",
+                );
+            }
         }
         let prefix = self.key_prefix.trim_end_matches('/');
         if !prefix.is_empty() && longjob_core::blob::validate_key(prefix).is_err() {
@@ -309,6 +327,7 @@ mod tests {
         let c = S3Config::from_lookup(lookup(&[
             ("S3_BUCKET_NAME", "b1"),
             ("S3_ENDPOINT", "http://127.0.0.1:9000"),
+            ("S3_PUBLIC_ENDPOINT", "https://files.example.invalid"),
             ("S3_REGION", "eu-west-1"),
             ("S3_ACCESS_KEY_ID", "ak"),
             ("S3_SECRET_ACCESS_KEY", "sk"),
@@ -319,6 +338,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.bucket, "b1");
         assert_eq!(c.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(
+            c.public_endpoint.as_deref(),
+            Some("https://files.example.invalid")
+        );
         assert_eq!(c.region, "eu-west-1");
         assert_eq!(c.credentials, Some(S3Credentials::new("ak", "sk")));
         assert!(

@@ -74,6 +74,8 @@ pub const MAX_PRESIGN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 #[derive(Debug, Clone)]
 pub struct S3BlobStore {
     client: Client,
+    /// Signs presigned URLs (the client itself, or one on the public endpoint).
+    presigner: Client,
     bucket: String,
     /// Empty, or ends with `/`.
     prefix: String,
@@ -112,14 +114,24 @@ impl S3BlobStore {
         if let Some(endpoint) = &config.endpoint {
             builder = builder.endpoint_url(endpoint.clone());
         }
+        let presigner = config
+            .public_endpoint
+            .as_ref()
+            .map(|public| Client::from_conf(builder.clone().endpoint_url(public.clone()).build()));
         let client = Client::from_conf(builder.build());
-        Ok(Self::with_client(client, &config))
+        let mut store = Self::with_client(client, &config);
+        if let Some(presigner) = presigner {
+            store.presigner = presigner;
+        }
+        Ok(store)
     }
 
     /// A store using an SDK client built elsewhere; `config` gives the bucket, key prefix, part
-    /// size and the timeout reported in errors (the client's own timeouts apply).
+    /// size and the timeout reported in errors (the client's own endpoint, credentials and
+    /// timeouts apply; `config.public_endpoint` does not).
     pub fn with_client(client: Client, config: &S3Config) -> Self {
         Self {
+            presigner: client.clone(),
             client,
             bucket: config.bucket.clone(),
             prefix: normalize_prefix(&config.key_prefix),
@@ -140,7 +152,9 @@ impl S3BlobStore {
             .part_size(self.part_size)
             .timeout(self.timeout);
         config.validate()?;
-        Ok(Self::with_client(self.client.clone(), &config))
+        let mut store = Self::with_client(self.client.clone(), &config);
+        store.presigner = self.presigner.clone();
+        Ok(store)
     }
 
     /// The SDK client, for calls this crate does not wrap.
@@ -319,6 +333,10 @@ impl S3BlobStore {
                 BackendError::corrupt(BACKEND, "CreateMultipartUpload answered no upload id")
             })?
             .to_owned();
+        tracing::debug!(
+            bucket = %self.bucket, key = %object_key, upload_id = %upload_id,
+            "s3 multipart upload started"
+        );
         let mut guard = AbortGuard {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
@@ -406,6 +424,7 @@ impl S3BlobStore {
                 .await
                 .map_err(|e| self.err("UploadPart", e))?;
             size += len;
+            tracing::trace!(key = %object_key, part_number = number, len, "s3 part uploaded");
             parts.push(
                 CompletedPart::builder()
                     .part_number(number)
@@ -682,7 +701,7 @@ impl BlobStore for S3BlobStore {
             .build()
             .map_err(|e| BackendError::InvalidArgument(format!("presigning: {e}")))?;
         let request = self
-            .client
+            .presigner
             .get_object()
             .bucket(&self.bucket)
             .key(self.object_key(key))

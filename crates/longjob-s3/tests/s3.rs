@@ -371,6 +371,67 @@ async fn a_failed_multipart_put_aborts_its_upload() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_multipart_put_aborts_its_upload() {
+    let store = common::store_with(common::config().part_size(MIN_PART_SIZE)).await;
+    // 6 MiB (one full part goes up), then the body never ends.
+    let stalled = futures::stream::iter(vec![Ok(Bytes::from(pattern(6 * MIB, 5)))])
+        .chain(futures::stream::pending())
+        .boxed();
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("longjob_s3=trace"))
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let log = || String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let putter = store.clone();
+    let put = tokio::spawn(
+        async move {
+            putter
+                .put("cancel/x.bin", stalled, PutOptions::default())
+                .await
+        }
+        .with_subscriber(subscriber),
+    );
+    longjob_core::testkit::within(20, "the first part to go up", async {
+        while !log().contains("s3 part uploaded") {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    put.abort();
+    assert!(put.await.unwrap_err().is_cancelled());
+    let upload_id = log()
+        .split("upload_id=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the upload's id in the log")
+        .to_owned();
+    let key = store.object_key("cancel/x.bin");
+    longjob_core::testkit::within(10, "the cancelled upload to be aborted", async {
+        loop {
+            let part = store
+                .client()
+                .upload_part()
+                .bucket(store.bucket())
+                .key(&key)
+                .upload_id(&upload_id)
+                .part_number(2)
+                .body(Bytes::from_static(b"late").into())
+                .send()
+                .await;
+            if part.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(store.head("cancel/x.bin").await.unwrap().is_none());
+}
+
 #[tokio::test]
 async fn missing_key_is_none_not_an_error() {
     let store = common::store().await;
@@ -526,4 +587,35 @@ async fn for_bucket_shares_the_client_with_another_prefix() {
         .unwrap();
     let seen = store.head("downloads/f1.zip").await.unwrap().unwrap();
     assert_eq!(seen.size, 6);
+}
+
+#[tokio::test]
+async fn presigned_urls_can_name_a_public_endpoint() {
+    let config = common::config();
+    let Some(endpoint) = config.endpoint.clone() else {
+        eprintln!("not applicable on AWS S3 (no S3_ENDPOINT): one endpoint for everybody");
+        return;
+    };
+    // The same server under another name, as a browser outside a container network would see it.
+    let public = endpoint.replace("127.0.0.1", "localhost");
+    assert_ne!(public, endpoint, "the test needs a loopback S3_ENDPOINT");
+    let store = common::store_with(config.public_endpoint(&public)).await;
+    store
+        .put(
+            "p/x.bin",
+            byte_stream(&b"public"[..]),
+            PutOptions::default(),
+        )
+        .await
+        .unwrap();
+    let url = store
+        .presign_get("p/x.bin", Duration::from_secs(60), "x.bin")
+        .await
+        .unwrap()
+        .url;
+    assert!(url.starts_with(&public), "{url}");
+    match fetch(&url).await {
+        Fetched::Ok { body, .. } => assert_eq!(body.as_ref(), b"public"),
+        Fetched::Refused(status) => panic!("refused with {status}: {url}"),
+    }
 }
