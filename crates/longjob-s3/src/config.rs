@@ -9,6 +9,8 @@ use longjob_core::BackendError;
 pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
 /// The smallest part size S3 accepts for every part but the last: 5 MiB.
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
+/// The default number of parts of one put uploaded at the same time: 2.
+pub const DEFAULT_UPLOAD_CONCURRENCY: usize = 2;
 /// The default per-call timeout: 30 s.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The region used when none is given.
@@ -86,6 +88,9 @@ pub struct S3Config {
     /// Bodies up to this size are sent with one `PutObject`; larger ones as a multipart upload
     /// of parts of this size (at least [`MIN_PART_SIZE`]; 8 MiB by default).
     pub part_size: usize,
+    /// How many parts of one multipart put go up at the same time while the next one is read
+    /// (2 by default; a put holds up to this many parts plus one in memory).
+    pub upload_concurrency: usize,
     /// The deadline of each call to the server (30 s by default); a streamed put gets it per part.
     pub timeout: Duration,
 }
@@ -103,6 +108,7 @@ impl S3Config {
             force_path_style: false,
             credentials: None,
             part_size: DEFAULT_PART_SIZE,
+            upload_concurrency: DEFAULT_UPLOAD_CONCURRENCY,
             timeout: DEFAULT_TIMEOUT,
         }
     }
@@ -153,6 +159,12 @@ impl S3Config {
         self
     }
 
+    /// Sets how many parts of one put go up at the same time.
+    pub fn upload_concurrency(mut self, parts: usize) -> Self {
+        self.upload_concurrency = parts;
+        self
+    }
+
     /// Sets the per-call timeout.
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
@@ -171,6 +183,7 @@ impl S3Config {
     /// | `S3_FORCE_PATH_STYLE` | `true`/`false` (also `1`/`0`, `yes`/`no`) | `true` with `S3_ENDPOINT`, else `false` |
     /// | `S3_KEY_PREFIX` | a prefix before every key | none |
     /// | `S3_PART_SIZE` | multipart part size in bytes | 8 MiB |
+    /// | `S3_UPLOAD_CONCURRENCY` | parts of one put uploaded at the same time | 2 |
     /// | `S3_TIMEOUT_SECS` | per-call timeout in seconds | 30 |
     ///
     /// Empty variables count as unset.
@@ -208,6 +221,13 @@ impl S3Config {
                 why: "not a number of bytes".into(),
             })?;
         }
+        if let Some(v) = var("S3_UPLOAD_CONCURRENCY") {
+            config.upload_concurrency = v.trim().parse().map_err(|_| S3ConfigError::Invalid {
+                name: "S3_UPLOAD_CONCURRENCY",
+                value: v.clone(),
+                why: "not a number of parts".into(),
+            })?;
+        }
         if let Some(v) = var("S3_TIMEOUT_SECS") {
             let secs: f64 = v.trim().parse().map_err(|_| S3ConfigError::Invalid {
                 name: "S3_TIMEOUT_SECS",
@@ -243,6 +263,9 @@ impl S3Config {
                 self.part_size.to_string(),
                 "S3 needs parts of at least 5 MiB (5242880 bytes)",
             );
+        }
+        if self.upload_concurrency == 0 {
+            return invalid("upload_concurrency", "0".into(), "must be at least 1");
         }
         if self.timeout.is_zero() {
             return invalid("timeout", format!("{:?}", self.timeout), "must be positive");
@@ -334,6 +357,7 @@ mod tests {
             ("S3_KEY_PREFIX", "results/"),
             ("S3_PART_SIZE", "6291456"),
             ("S3_TIMEOUT_SECS", "2.5"),
+            ("S3_UPLOAD_CONCURRENCY", "4"),
         ]))
         .unwrap();
         assert_eq!(c.bucket, "b1");
@@ -351,6 +375,7 @@ mod tests {
         assert_eq!(c.key_prefix, "results/");
         assert_eq!(c.part_size, 6 * 1024 * 1024);
         assert_eq!(c.timeout, Duration::from_millis(2500));
+        assert_eq!(c.upload_concurrency, 4);
     }
 
     #[test]

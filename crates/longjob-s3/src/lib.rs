@@ -53,10 +53,13 @@ use longjob_core::blob::{
     BlobBody, BlobMeta, BlobStore, ByteStream, PresignedUrl, PutOptions, validate_key,
 };
 use longjob_core::{BackendError, BackendResult};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 pub use config::{
-    DEFAULT_PART_SIZE, DEFAULT_REGION, DEFAULT_TIMEOUT, MIN_PART_SIZE, S3Config, S3ConfigError,
-    S3Credentials,
+    DEFAULT_PART_SIZE, DEFAULT_REGION, DEFAULT_TIMEOUT, DEFAULT_UPLOAD_CONCURRENCY, MIN_PART_SIZE,
+    S3Config, S3ConfigError, S3Credentials,
 };
 pub use disposition::content_disposition;
 use error::{BACKEND, code_and_status, is_missing, map_sdk_error};
@@ -80,6 +83,7 @@ pub struct S3BlobStore {
     /// Empty, or ends with `/`.
     prefix: String,
     part_size: usize,
+    upload_concurrency: usize,
     timeout: Duration,
 }
 
@@ -136,6 +140,7 @@ impl S3BlobStore {
             bucket: config.bucket.clone(),
             prefix: normalize_prefix(&config.key_prefix),
             part_size: config.part_size.max(MIN_PART_SIZE),
+            upload_concurrency: config.upload_concurrency.max(1),
             timeout: config.timeout,
         }
     }
@@ -150,6 +155,7 @@ impl S3BlobStore {
         let config = S3Config::new(bucket)
             .key_prefix(key_prefix)
             .part_size(self.part_size)
+            .upload_concurrency(self.upload_concurrency)
             .timeout(self.timeout);
         config.validate()?;
         let mut store = Self::with_client(self.client.clone(), &config);
@@ -381,7 +387,9 @@ impl S3BlobStore {
     }
 
     /// Uploads `first` and the rest of `body` in parts of `part_size` bytes (the last one
-    /// smaller); returns the parts and the total size.
+    /// smaller), up to `upload_concurrency` parts at a time while the next part is read;
+    /// returns the parts in order and the total size. Dropping the future aborts the part
+    /// uploads in flight.
     async fn upload_parts(
         &self,
         object_key: &str,
@@ -389,6 +397,7 @@ impl S3BlobStore {
         mut buf: BytesMut,
         mut body: ByteStream,
     ) -> BackendResult<(Vec<CompletedPart>, u64)> {
+        let mut in_flight: JoinSet<BackendResult<CompletedPart>> = JoinSet::new();
         let mut parts = Vec::new();
         let mut size = 0u64;
         let mut ended = false;
@@ -410,29 +419,52 @@ impl S3BlobStore {
                     self.part_size
                 )));
             }
-            let len = part.len() as u64;
-            let out = self
-                .client
-                .upload_part()
-                .bucket(&self.bucket)
-                .key(object_key)
-                .upload_id(upload_id)
-                .part_number(number)
-                .content_length(i64::try_from(len).unwrap_or(i64::MAX))
-                .body(part.into())
-                .send()
-                .await
-                .map_err(|e| self.err("UploadPart", e))?;
-            size += len;
-            tracing::trace!(key = %object_key, part_number = number, len, "s3 part uploaded");
-            parts.push(
-                CompletedPart::builder()
-                    .part_number(number)
-                    .set_e_tag(out.e_tag().map(str::to_owned))
-                    .build(),
+            size += part.len() as u64;
+            while in_flight.len() >= self.upload_concurrency {
+                if let Some(done) = in_flight.join_next().await {
+                    parts.push(joined(done)?);
+                }
+            }
+            let store = self.clone();
+            let (key, id) = (object_key.to_owned(), upload_id.to_owned());
+            in_flight.spawn(
+                async move { store.upload_part(&key, &id, number, part).await }
+                    .instrument(tracing::Span::current())
+                    .with_current_subscriber(),
             );
         }
+        while let Some(done) = in_flight.join_next().await {
+            parts.push(joined(done)?);
+        }
+        parts.sort_by_key(|p| p.part_number());
         Ok((parts, size))
+    }
+
+    async fn upload_part(
+        &self,
+        object_key: &str,
+        upload_id: &str,
+        number: i32,
+        part: Bytes,
+    ) -> BackendResult<CompletedPart> {
+        let len = part.len();
+        let out = self
+            .client
+            .upload_part()
+            .bucket(&self.bucket)
+            .key(object_key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(i64::try_from(len).unwrap_or(i64::MAX))
+            .body(part.into())
+            .send()
+            .await
+            .map_err(|e| self.err("UploadPart", e))?;
+        tracing::trace!(key = %object_key, part_number = number, len, "s3 part uploaded");
+        Ok(CompletedPart::builder()
+            .part_number(number)
+            .set_e_tag(out.e_tag().map(str::to_owned))
+            .build())
     }
 
     async fn head_meta(&self, key: &str) -> BackendResult<Option<BlobMeta>> {
@@ -543,6 +575,17 @@ async fn fill(body: &mut ByteStream, buf: &mut BytesMut, target: usize) -> std::
         }
     }
     Ok(false)
+}
+
+/// The outcome of a part upload task.
+fn joined(
+    done: Result<BackendResult<CompletedPart>, tokio::task::JoinError>,
+) -> BackendResult<CompletedPart> {
+    done.map_err(|e| BackendError::Unavailable {
+        backend: BACKEND,
+        message: format!("a part upload task failed: {e}"),
+        source: Some(Box::new(e)),
+    })?
 }
 
 fn body_error(e: std::io::Error) -> BackendError {
