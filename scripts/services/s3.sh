@@ -58,6 +58,9 @@ if ! command -v s3s-fs >/dev/null 2>&1 \
     cargo install s3s-fs --version "$S3S_FS_VERSION" --locked --features binary
 fi
 
+# Objects of earlier test runs (each test writes under its own test-<uuid>/ prefix) are of no use.
+rm -rf "$DATA_DIR/$BUCKET"/test-*
+
 echo "s3: starting s3s-fs on 127.0.0.1:$PORT (data in $DATA_DIR)"
 # s3s-fs logs one ERROR line per rejected request: expected in the signing tests.
 RUST_LOG="${S3S_LOG:-warn}" nohup setsid s3s-fs --host 127.0.0.1 --port "$PORT" \

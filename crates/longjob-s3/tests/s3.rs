@@ -220,6 +220,8 @@ async fn twenty_mebibytes_round_trip_as_a_multipart_upload() {
         "20 MiB multipart put: {put_time:?}; presigned download: {:?}",
         started.elapsed()
     );
+    store.delete("big/20m.zip").await.unwrap();
+    assert!(store.head("big/20m.zip").await.unwrap().is_none());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,6 +256,7 @@ async fn body_just_above_the_part_size_uses_two_parts_and_below_it_one_put() {
             .await
             .unwrap();
         assert!(got.as_ref() == body.as_slice());
+        store.delete(&key).await.unwrap();
     }
 }
 
