@@ -109,8 +109,9 @@ impl S3BlobStore {
             ));
         }
         let shared = loader.load().await;
-        // Checksums only where S3 requires them: S3-compatible servers differ in their support
-        // of the newer flexible checksums, and the body is checked by Content-MD5/ETag anyway.
+        // Checksums only where S3 requires them (DeleteObjects): S3-compatible servers differ
+        // in their support of the newer flexible checksums (CRC32 trailers in aws-chunked
+        // bodies), and ranged reads cannot be validated anyway.
         let mut builder = aws_sdk_s3::config::Builder::from(&shared)
             .force_path_style(config.force_path_style)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
