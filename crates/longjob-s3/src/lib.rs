@@ -24,8 +24,8 @@
 //! ```
 //!
 //! ## Retention
-//! The `LongJob` facade calls [`BlobStore::delete`] on the result of every job it purges. For
-//! objects that escaped that (a crash between the two, results written by older versions),
+//! `LongJob::purge_expired` calls [`BlobStore::delete`] on the result of every job it purges.
+//! For objects that escaped that (a failed delete, a crash between the two, older versions),
 //! [`S3BlobStore::delete_prefix_older_than`] sweeps a prefix; or an S3 lifecycle rule on the
 //! results prefix expires them server-side (see `docs/s3.md`).
 #![deny(missing_docs)]
