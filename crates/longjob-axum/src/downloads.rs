@@ -119,7 +119,7 @@ pub(crate) fn check_file_id(id: i64, field: &str) -> Result<u64, ApiError> {
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct InitiateRequest {
     /// 1 to 1000 file ids, each 10000..=100000000.
-    #[schema(min_items = 1, max_items = 1000, value_type = Vec<i64>)]
+    #[schema(min_items = 1, max_items = 1000, value_type = Vec<i64>, example = json!([70000, 70007]))]
     pub file_ids: Vec<i64>,
 }
 
@@ -270,8 +270,10 @@ pub struct CheckResponse {
     /// Whether it can be downloaded.
     pub available: bool,
     /// Its key in the source, when available.
+    #[schema(required = true)]
     pub s3Key: Option<String>,
     /// Its size in bytes, when available.
+    #[schema(required = true)]
     pub size: Option<u64>,
 }
 
@@ -323,8 +325,10 @@ pub struct StartResponse {
     #[schema(example = "completed")]
     pub status: String,
     /// A presigned URL of the file, when completed.
+    #[schema(required = true)]
     pub download_url: Option<String>,
     /// Its size in bytes, when completed.
+    #[schema(required = true)]
     pub size: Option<u64>,
     /// How long the call took.
     pub processing_time_ms: u64,

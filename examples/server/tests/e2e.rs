@@ -960,6 +960,28 @@ async fn health_metrics_openapi_docs_and_demo() {
             assert!(initiate.get(code).is_some(), "initiate documents {code}");
         }
         let schemas = doc["components"]["schemas"].as_object().unwrap();
+        // The original's schemas: every field required, the optional ones nullable.
+        let required = |name: &str| -> Vec<String> {
+            schemas[name]["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        for f in ["file_id", "available", "s3Key", "size"] {
+            assert!(required("CheckResponse").contains(&f.to_owned()), "{f}");
+        }
+        for f in [
+            "file_id",
+            "status",
+            "downloadUrl",
+            "size",
+            "processingTimeMs",
+            "message",
+        ] {
+            assert!(required("StartResponse").contains(&f.to_owned()), "{f}");
+        }
         for name in [
             "ErrorBody",
             "JobStatusBody",
