@@ -24,6 +24,39 @@ impl FromRequestParts<AppState> for Owner {
     }
 }
 
+/// The owner of a stream request. Browsers cannot set headers on `EventSource` and WebSocket
+/// connections, so these two routes also accept the bearer token as `?access_token=`; it is
+/// handed to the authenticator as an `Authorization: Bearer` header.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamOwner(pub(crate) String);
+
+impl FromRequestParts<AppState> for StreamOwner {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token =
+            axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(
+                &parts.uri,
+            )
+            .ok()
+            .and_then(|q| q.0.get("access_token").cloned());
+        match token {
+            Some(token) if !parts.headers.contains_key(header::AUTHORIZATION) => {
+                let mut headers = parts.headers.clone();
+                let value = HeaderValue::from_str(&format!("Bearer {token}"))
+                    .map_err(|_| ApiError::unauthorized("invalid access_token"))?;
+                headers.insert(header::AUTHORIZATION, value);
+                state.auth.authenticate(&headers).await.map(StreamOwner)
+            }
+            _ => state
+                .auth
+                .authenticate(&parts.headers)
+                .await
+                .map(StreamOwner),
+        }
+    }
+}
+
 /// A job id from the path; anything but a UUID is 400.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct JobIdPath(pub(crate) JobId);

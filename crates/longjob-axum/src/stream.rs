@@ -18,7 +18,7 @@ use longjob_core::bus::EventStream;
 use longjob_core::{EventPayload, Job, JobEvent};
 use serde::Deserialize;
 
-use crate::jobs::{JobIdPath, Owner};
+use crate::jobs::{JobIdPath, StreamOwner};
 use crate::metrics::GaugeGuard;
 use crate::{ApiError, AppState};
 
@@ -133,7 +133,8 @@ fn parse_seq(raw: &str, what: &str) -> Result<u64, ApiError> {
     description = "First a `status` snapshot, then every event (`id: <seq>`, `event: <type>`, `data: <JSON event>`) until the terminal one. Resume with `Last-Event-ID` or `?lastEventId=`. A comment line every 15 s keeps the connection alive.",
     params(("jobId" = String, Path, format = Uuid),
            ("lastEventId" = Option<u64>, Query, description = "Resume after this seq"),
-           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq")),
+           ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this seq"),
+           ("access_token" = Option<String>, Query, description = "The API key, for clients that cannot set headers (EventSource)")),
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
@@ -145,7 +146,7 @@ fn parse_seq(raw: &str, what: &str) -> Result<u64, ApiError> {
 pub(crate) async fn sse(
     State(state): State<AppState>,
     JobIdPath(id): JobIdPath,
-    Owner(owner): Owner,
+    StreamOwner(owner): StreamOwner,
     Query(query): Query<SseQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -197,7 +198,8 @@ pub(crate) struct WsQuery {
     summary = "Follow a job by WebSocket",
     description = "After the upgrade the server sends JSON text messages: first a `status` snapshot, then every event until the terminal one, then closes (code 1000). `?after=<seq>` resumes. The server pings every 30 s.",
     params(("jobId" = String, Path, format = Uuid),
-           ("after" = Option<u64>, Query, description = "Resume after this seq")),
+           ("after" = Option<u64>, Query, description = "Resume after this seq"),
+           ("access_token" = Option<String>, Query, description = "The API key, for clients that cannot set headers (browsers)")),
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed id or not a WebSocket request", body = crate::ErrorBody),
@@ -209,7 +211,7 @@ pub(crate) struct WsQuery {
 pub(crate) async fn websocket(
     State(state): State<AppState>,
     JobIdPath(id): JobIdPath,
-    Owner(owner): Owner,
+    StreamOwner(owner): StreamOwner,
     Query(query): Query<WsQuery>,
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {

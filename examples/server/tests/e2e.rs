@@ -393,6 +393,25 @@ async fn api_keys_and_two_owners_who_cannot_see_each_other() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+    // Browsers cannot set headers on EventSource and WebSocket: ?access_token= works there.
+    let res = s.get(&format!("{FIRST}/stream/{id}?access_token=ka")).await;
+    assert_eq!(res.status(), 200);
+    let mut sse = SseReader::new(res);
+    assert_eq!(sse.next().await.unwrap().data["status"], "completed");
+    let res = s.get(&format!("{FIRST}/stream/{id}?access_token=kb")).await;
+    assert_error(res, 404, "not_found").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://127.0.0.1:{}{FIRST}/subscribe/{id}?access_token=ka",
+        s.port
+    ))
+    .await
+    .unwrap();
+    let first = ws.next().await.unwrap().unwrap();
+    assert!(first.to_text().unwrap().contains("\"completed\""));
+    // …but not on the other routes.
+    let res = s.get(&format!("{FIRST}/job/{id}?access_token=ka")).await;
+    assert_error(res, 401, "unauthorized").await;
+
     // The same idempotency key from another owner is another job.
     let post = |key: &'static str| {
         s.http
