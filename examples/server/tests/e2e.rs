@@ -1084,3 +1084,45 @@ async fn a_backend_down_gives_503_and_an_unhealthy_health() {
         "no internals: {message}"
     );
 }
+
+#[test]
+fn every_variable_of_the_contract_is_also_a_flag() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_longjob-server"))
+        .arg("--help")
+        .env_clear()
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    for var in [
+        "PORT",
+        "HOST",
+        "REQUEST_TIMEOUT_MS",
+        "CORS_ORIGINS",
+        "RATE_LIMIT_WINDOW_MS",
+        "RATE_LIMIT_MAX_REQUESTS",
+        "DOWNLOAD_DELAY_MIN_MS",
+        "DOWNLOAD_DELAY_MAX_MS",
+        "DOWNLOAD_DELAY_ENABLED",
+        "S3_REGION",
+        "S3_ACCESS_KEY_ID",
+        "S3_SECRET_ACCESS_KEY",
+        "S3_ENDPOINT",
+        "S3_BUCKET_NAME",
+        "S3_FORCE_PATH_STYLE",
+        "REDIS_URL",
+        "DATABASE_URL",
+        "BLOB_DIR",
+        "API_KEYS",
+        "JOB_TIMEOUT_MS",
+        "MAX_ATTEMPTS",
+        "WORKER_CONCURRENCY",
+        "PRESIGN_TTL_SECS",
+        "JOBS_PER_HOUR",
+        "MAX_ACTIVE_JOBS_PER_OWNER",
+    ] {
+        assert!(help.contains(&format!("[env: {var}")), "{var} in --help");
+        let flag = format!("--{}", var.to_lowercase().replace('_', "-"));
+        assert!(help.contains(&flag), "{flag} in --help");
+    }
+}
