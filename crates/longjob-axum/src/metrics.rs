@@ -53,85 +53,89 @@ impl Drop for GaugeGuard {
 impl Metrics {
     /// The metrics in the Prometheus text exposition format.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(1024);
-        let _ = writeln!(
-            out,
-            "# HELP longjob_http_requests_total HTTP responses by status class.\n# TYPE longjob_http_requests_total counter"
+        fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        }
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let gauge = |a: &AtomicI64| a.load(Ordering::Relaxed);
+        let mut out = String::with_capacity(2048);
+        family(
+            &mut out,
+            "longjob_http_requests_total",
+            "counter",
+            "HTTP responses by status class.",
         );
         for (i, c) in self.by_class.iter().enumerate() {
             let _ = writeln!(
                 out,
                 "longjob_http_requests_total{{class=\"{}xx\"}} {}",
                 i + 1,
-                c.load(Ordering::Relaxed)
+                load(c)
             );
         }
-        let total: u64 = self
-            .by_class
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum();
-        let secs = self.duration_us.load(Ordering::Relaxed) as f64 / 1e6;
-        let gauges: [(&str, &str, &str, i64); 6] = [
-            (
-                "longjob_http_request_duration_seconds_sum",
-                "counter",
-                "Total time to the response head.",
-                0,
-            ),
+        let total: u64 = self.by_class.iter().map(load).sum();
+        family(
+            &mut out,
+            "longjob_http_request_duration_seconds_sum",
+            "counter",
+            "Total time to the response head.",
+        );
+        let secs = load(&self.duration_us) as f64 / 1e6;
+        let _ = writeln!(out, "longjob_http_request_duration_seconds_sum {secs}");
+        family(
+            &mut out,
+            "longjob_http_request_duration_seconds_count",
+            "counter",
+            "Requests timed.",
+        );
+        let _ = writeln!(out, "longjob_http_request_duration_seconds_count {total}");
+        let gauges = [
             (
                 "longjob_http_requests_in_flight",
-                "gauge",
                 "Requests being handled.",
-                self.in_flight.load(Ordering::Relaxed),
+                gauge(&self.in_flight),
             ),
             (
                 "longjob_sse_streams",
-                "gauge",
                 "Open Server-Sent Events streams.",
-                self.sse_streams.load(Ordering::Relaxed),
+                gauge(&self.sse_streams),
             ),
             (
                 "longjob_websocket_streams",
-                "gauge",
                 "Open WebSocket streams.",
-                self.ws_streams.load(Ordering::Relaxed),
+                gauge(&self.ws_streams),
             ),
+        ];
+        for (name, help, value) in gauges {
+            family(&mut out, name, "gauge", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        let counters = [
             (
                 "longjob_jobs_submitted_total",
-                "counter",
                 "Jobs created through the API.",
-                self.jobs_submitted.load(Ordering::Relaxed) as i64,
+                load(&self.jobs_submitted),
             ),
             (
                 "longjob_jobs_deduplicated_total",
-                "counter",
                 "Submissions answered with an existing job (idempotency key).",
-                self.jobs_deduplicated.load(Ordering::Relaxed) as i64,
+                load(&self.jobs_deduplicated),
+            ),
+            (
+                "longjob_rate_limited_total",
+                "Requests refused by the rate limit.",
+                load(&self.rate_limited),
+            ),
+            (
+                "longjob_events_sent_total",
+                "Job events sent over SSE and WebSocket.",
+                load(&self.events_sent),
             ),
         ];
-        for (name, kind, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            if name.ends_with("_sum") {
-                let _ = writeln!(out, "{name} {secs}");
-                let _ = writeln!(
-                    out,
-                    "# HELP longjob_http_request_duration_seconds_count Requests timed.\n# TYPE longjob_http_request_duration_seconds_count counter\nlongjob_http_request_duration_seconds_count {total}"
-                );
-            } else {
-                let _ = writeln!(out, "{name} {value}");
-            }
+        for (name, help, value) in counters {
+            family(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {value}");
         }
-        let _ = writeln!(
-            out,
-            "# HELP longjob_rate_limited_total Requests refused by the rate limit.\n# TYPE longjob_rate_limited_total counter\nlongjob_rate_limited_total {}",
-            self.rate_limited.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP longjob_events_sent_total Job events sent over SSE and WebSocket.\n# TYPE longjob_events_sent_total counter\nlongjob_events_sent_total {}",
-            self.events_sent.load(Ordering::Relaxed)
-        );
         out
     }
 }
@@ -152,4 +156,33 @@ pub(crate) async fn middleware(
         .duration_us
         .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_valid_prometheus_text() {
+        let m = Metrics::default();
+        m.jobs_submitted.fetch_add(3, Ordering::Relaxed);
+        let text = m.render();
+        let mut families = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                assert!(matches!(kind, "counter" | "gauge"), "{line}");
+                assert!(families.insert(name.to_owned()), "one TYPE per family: {name}");
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let (name, value) = line.rsplit_once(' ').unwrap();
+            let base = name.split('{').next().unwrap();
+            assert!(families.contains(base), "{base} declared before its samples");
+            value.parse::<f64>().unwrap();
+        }
+        assert!(text.contains("longjob_jobs_submitted_total 3"));
+    }
 }
