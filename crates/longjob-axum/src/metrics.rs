@@ -172,7 +172,10 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let (name, kind) = rest.split_once(' ').unwrap();
                 assert!(matches!(kind, "counter" | "gauge"), "{line}");
-                assert!(families.insert(name.to_owned()), "one TYPE per family: {name}");
+                assert!(
+                    families.insert(name.to_owned()),
+                    "one TYPE per family: {name}"
+                );
                 continue;
             }
             if line.starts_with('#') {
@@ -180,7 +183,10 @@ mod tests {
             }
             let (name, value) = line.rsplit_once(' ').unwrap();
             let base = name.split('{').next().unwrap();
-            assert!(families.contains(base), "{base} declared before its samples");
+            assert!(
+                families.contains(base),
+                "{base} declared before its samples"
+            );
             value.parse::<f64>().unwrap();
         }
         assert!(text.contains("longjob_jobs_submitted_total 3"));
