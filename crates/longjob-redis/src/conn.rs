@@ -6,13 +6,18 @@
 //! busy machine can take longer, and a timed-out claim strands its leases until they expire), and
 //! it never reports a connection as broken, so after a Redis restart dead connections would stay
 //! in the pool. Here the per-call deadline is [`RedisConfig::call_timeout`], and a connection
-//! that saw an I/O error is dropped from the pool.
+//! that saw an I/O error, or whose socket the server closed, is dropped from the pool. The
+//! connections speak RESP3 only so that redis tells us of a closed socket (a `Disconnection`
+//! push) before we send a command down it: after a Redis restart no call fails on a stale
+//! connection.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use longjob_core::{BackendError, BackendResult};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client};
+use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind};
 
 use crate::{BACKEND, RedisConfig, Shared, map_err};
 
@@ -20,23 +25,33 @@ use crate::{BACKEND, RedisConfig, Shared, map_err};
 pub(crate) struct Conn {
     conn: MultiplexedConnection,
     broken: bool,
+    /// Set when the server closed the socket.
+    closed: Arc<AtomicBool>,
 }
 
 pub(crate) struct Manager {
     client: Client,
-    config: AsyncConnectionConfig,
+    timeout: std::time::Duration,
     name: String,
+}
+
+/// A client for `url` speaking RESP3.
+pub(crate) fn resp3_client(url: &str) -> BackendResult<Client> {
+    let invalid =
+        |e: redis::RedisError| BackendError::InvalidArgument(format!("invalid Redis URL: {e}"));
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+    let settings = info
+        .redis_settings()
+        .clone()
+        .set_protocol(ProtocolVersion::RESP3);
+    Client::open(info.set_redis_settings(settings)).map_err(invalid)
 }
 
 impl Manager {
     pub(crate) fn new(config: &RedisConfig) -> BackendResult<Self> {
-        let client = Client::open(config.url.as_str())
-            .map_err(|e| BackendError::InvalidArgument(format!("invalid Redis URL: {e}")))?;
         Ok(Self {
-            client,
-            config: AsyncConnectionConfig::new()
-                .set_response_timeout(None)
-                .set_connection_timeout(Some(config.call_timeout)),
+            client: resp3_client(&config.url)?,
+            timeout: config.call_timeout,
             name: config.client_name.clone(),
         })
     }
@@ -47,9 +62,22 @@ impl bb8::ManageConnection for Manager {
     type Error = redis::RedisError;
 
     async fn connect(&self) -> Result<Conn, redis::RedisError> {
+        let closed = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&closed);
+        let config = AsyncConnectionConfig::new()
+            .set_response_timeout(None)
+            .set_connection_timeout(Some(self.timeout))
+            .set_push_sender(
+                move |info: PushInfo| -> Result<(), std::convert::Infallible> {
+                    if info.kind == PushKind::Disconnection {
+                        flag.store(true, Ordering::SeqCst);
+                    }
+                    Ok(())
+                },
+            );
         let mut conn = self
             .client
-            .get_multiplexed_async_connection_with_config(&self.config)
+            .get_multiplexed_async_connection_with_config(&config)
             .await?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
@@ -59,6 +87,7 @@ impl bb8::ManageConnection for Manager {
         Ok(Conn {
             conn,
             broken: false,
+            closed,
         })
     }
 
@@ -67,7 +96,7 @@ impl bb8::ManageConnection for Manager {
     }
 
     fn has_broken(&self, conn: &mut Conn) -> bool {
-        conn.broken
+        conn.broken || conn.closed.load(Ordering::SeqCst)
     }
 }
 
@@ -103,13 +132,20 @@ impl Shared {
     {
         let deadline = self.config.call_timeout;
         let call = async {
-            let mut pooled = self.pool.inner.get().await.map_err(|e| match e {
-                bb8::RunError::User(e) => map_err(e),
-                bb8::RunError::TimedOut => BackendError::Timeout {
-                    backend: BACKEND,
-                    after: deadline,
-                },
-            })?;
+            let mut pooled = loop {
+                let mut pooled = self.pool.inner.get().await.map_err(|e| match e {
+                    bb8::RunError::User(e) => map_err(e),
+                    bb8::RunError::TimedOut => BackendError::Timeout {
+                        backend: BACKEND,
+                        after: deadline,
+                    },
+                })?;
+                if !pooled.closed.load(Ordering::SeqCst) {
+                    break pooled;
+                }
+                // The server closed it (a restart, a timeout): drop it and take another.
+                pooled.broken = true;
+            };
             let result = f(pooled.conn.clone()).await;
             if let Err(e) = &result {
                 if breaks_connection(e) {

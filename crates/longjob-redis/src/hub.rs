@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use longjob_core::{BackendError, BackendResult, JobEvent, JobId};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
+use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, broadcast};
 
 use crate::{BACKEND, Keys, RedisConfig, map_err};
@@ -132,15 +132,7 @@ pub(crate) struct Hub {
 
 impl Hub {
     pub(crate) async fn start(config: &RedisConfig, keys: &Keys) -> BackendResult<Arc<Self>> {
-        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())
-            .map_err(|e| BackendError::InvalidArgument(format!("invalid Redis URL: {e}")))?;
-        let settings = info
-            .redis_settings()
-            .clone()
-            .set_protocol(ProtocolVersion::RESP3);
-        let info = info.set_redis_settings(settings);
-        let client = Client::open(info)
-            .map_err(|e| BackendError::InvalidArgument(format!("invalid Redis URL: {e}")))?;
+        let client = crate::conn::resp3_client(&config.url)?;
         let dispatch = Arc::new(Dispatch {
             jobs: Mutex::default(),
             wake: Notify::new(),
