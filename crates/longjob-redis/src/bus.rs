@@ -51,7 +51,8 @@ redis.call('PUBLISH', ARGV[3], event)
 if tonumber(ARGV[4]) > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
-else
+elseif redis.call('PTTL', KEYS[1]) >= 0 then
+  -- A manual retry after the job finished: keep its events again.
   redis.call('PERSIST', KEYS[1])
   redis.call('PERSIST', KEYS[2])
 end

@@ -25,7 +25,7 @@ use crate::{BACKEND, RedisConfig, Shared, map_err};
 pub(crate) struct Conn {
     conn: MultiplexedConnection,
     broken: bool,
-    /// Set when the server closed the socket.
+    /// Set when the server closed the socket, or a call on it failed for I/O.
     closed: Arc<AtomicBool>,
 }
 
@@ -132,7 +132,10 @@ impl Shared {
     {
         let deadline = self.config.call_timeout;
         let call = async {
-            let mut pooled = loop {
+            // The connection goes back to the pool at once: it is multiplexed, so concurrent
+            // calls share it and their commands are pipelined (fewer writes and reads on both
+            // sides); the pool only bounds how many connections exist.
+            let (conn, closed) = loop {
                 let mut pooled = self.pool.inner.get().await.map_err(|e| match e {
                     bb8::RunError::User(e) => map_err(e),
                     bb8::RunError::TimedOut => BackendError::Timeout {
@@ -141,16 +144,17 @@ impl Shared {
                     },
                 })?;
                 if !pooled.closed.load(Ordering::SeqCst) {
-                    break pooled;
+                    break (pooled.conn.clone(), Arc::clone(&pooled.closed));
                 }
                 // The server closed it (a restart, a timeout): drop it and take another.
                 pooled.broken = true;
             };
-            let result = f(pooled.conn.clone()).await;
+            let result = f(conn).await;
             if let Err(e) = &result {
                 if breaks_connection(e) {
                     tracing::debug!(error = %e, "dropping a broken Redis connection");
-                    pooled.broken = true;
+                    // Dropped from the pool at its next checkout.
+                    closed.store(true, Ordering::SeqCst);
                 }
             }
             result.map_err(map_err)

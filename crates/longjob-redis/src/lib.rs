@@ -215,6 +215,56 @@ impl Redis {
     pub fn config(&self) -> &RedisConfig {
         &self.shared.config
     }
+
+    /// Deletes every key under this prefix (`SCAN` + `UNLINK`) and returns how many: for tests
+    /// and benchmarks that use a namespace of their own. Never on a namespace in use.
+    pub async fn delete_namespace(&self) -> BackendResult<u64> {
+        let pattern = format!("{}*", glob_escape(self.shared.keys.base()));
+        let mut cursor = 0u64;
+        let mut deleted = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = {
+                let pattern = pattern.clone();
+                self.shared
+                    .run(|mut c| async move {
+                        redis::cmd("SCAN")
+                            .arg(cursor)
+                            .arg("MATCH")
+                            .arg(&pattern)
+                            .arg("COUNT")
+                            .arg(1000)
+                            .query_async(&mut c)
+                            .await
+                    })
+                    .await?
+            };
+            if !keys.is_empty() {
+                let n: u64 = self
+                    .shared
+                    .run(|mut c| async move {
+                        redis::cmd("UNLINK").arg(&keys).query_async(&mut c).await
+                    })
+                    .await?;
+                deleted += n;
+            }
+            if next == 0 {
+                return Ok(deleted);
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// Escapes the glob characters of `SCAN MATCH` (`{` and `}` are not among them).
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 impl Shared {

@@ -45,8 +45,8 @@ return #ARGV - 2
 
 /// KEYS: waiting, leased, tokens, seq. ARGV: max, ttl ms.
 /// Reaps expired leases (their jobs wait again, due at their expiry), then leases up to `max`
-/// due jobs, oldest due first. Returns {ms until the next due job or lease expiry (-1: none),
-/// id1, token1, id2, token2, ...}.
+/// due jobs, oldest due first. Returns {ms until the next due job or lease expiry (-1: none, or
+/// not asked because jobs were claimed), id1, token1, id2, token2, ...}.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}
@@ -75,6 +75,8 @@ if max > 0 then
     end
   end
 end
+if #out > 1 then return out end
+-- Nothing claimed: say when something may become due, so the claimer sleeps until then.
 local nxt = -1
 local w = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if #w > 0 then nxt = tonumber(w[2]) end

@@ -2,7 +2,8 @@
 //!
 //! Keys (all under the prefix's hash tag):
 //! - `job:<id>`: hash with `j` (the job's JSON, as the API would read it), `v` (version),
-//!   `t` (fencing token), `o` (owner), `i` (its idempotency key's name, or empty). A finished
+//!   `t` (fencing token), `o` (owner), `i` (its idempotency key's name, or empty), `f` (whether
+//!   it is finished: `1`/`0`). A finished
 //!   job's hash expires after the configured retention;
 //! - `owner:<owner>:jobs`: sorted set of the owner's job ids scored by creation (µs);
 //! - `owner:<owner>:active`: set of the owner's unfinished job ids;
@@ -20,20 +21,23 @@ use redis::Script;
 
 use crate::{BACKEND, Redis, micros, millis};
 
-/// Writes the secondary records of a job being stored. Expects `base` (the key prefix), `id`,
-/// `owner`, `terminal` ('1'/'0'), `finished` (µs), `retention` (ms) and `jobkey` in scope.
+/// Writes the secondary records of a job being stored, given whether it is `terminal` ('1'/'0')
+/// now and whether it `was` before ('1', '0', or '' for a new job): only a change of
+/// finishedness touches the active set, the finished index and the expiry.
 const INDEX: &str = r"
-local function index(base, jobkey, id, owner, terminal, finished, retention)
-  local active = base .. 'owner:' .. owner .. ':active'
+local function index(base, jobkey, id, owner, terminal, finished, retention, was)
   if terminal == '1' then
-    redis.call('SREM', active, id)
+    if was ~= '1' then redis.call('SREM', base .. 'owner:' .. owner .. ':active', id) end
     redis.call('ZADD', base .. 'finished', finished, id)
     redis.call('PEXPIRE', jobkey, retention)
-  else
-    redis.call('SADD', active, id)
-    redis.call('ZREM', base .. 'finished', id)
-    redis.call('PERSIST', jobkey)
+  elseif was ~= '0' then
+    redis.call('SADD', base .. 'owner:' .. owner .. ':active', id)
+    if was == '1' then
+      redis.call('ZREM', base .. 'finished', id)
+      redis.call('PERSIST', jobkey)
+    end
   end
+  redis.call('HSET', jobkey, 'f', terminal)
 end
 ";
 
@@ -56,7 +60,7 @@ local idem = ''
 if ARGV[10] == '1' then idem = KEYS[2] end
 redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem)
 redis.call('ZADD', base .. 'owner:' .. ARGV[4] .. ':jobs', ARGV[5], ARGV[3])
-index(base, KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8])
+index(base, KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8], '')
 if ARGV[10] == '1' and tonumber(ARGV[11]) > 0 then
   redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[11])
 end
@@ -79,7 +83,7 @@ for i = 3, #ARGV, 7 do
   local jobkey = base .. 'job:' .. id
   redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '')
   redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
-  index(base, jobkey, id, owner, ARGV[i + 4], ARGV[i + 5], ARGV[2])
+  index(base, jobkey, id, owner, ARGV[i + 4], ARGV[i + 5], ARGV[2], '')
 end
 return ''
 "
@@ -91,12 +95,14 @@ return ''
 static UPDATE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{INDEX}
-local cur = redis.call('HMGET', KEYS[1], 'v', 't', 'o')
+local cur = redis.call('HMGET', KEYS[1], 'v', 't', 'o', 'f')
 if not cur[1] then return {{'missing'}} end
 if tonumber(cur[1]) ~= tonumber(ARGV[3]) then return {{'conflict', cur[1], cur[2]}} end
 if tonumber(ARGV[4]) < tonumber(cur[2]) then return {{'fenced', cur[1], cur[2]}} end
 redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', tonumber(ARGV[3]) + 1, 't', ARGV[4])
-index(ARGV[1], KEYS[1], ARGV[8], cur[3], ARGV[5], ARGV[6], ARGV[7])
+if ARGV[5] == '1' or cur[4] ~= '0' then
+  index(ARGV[1], KEYS[1], ARGV[8], cur[3], ARGV[5], ARGV[6], ARGV[7], cur[4] or '')
+end
 return {{'ok'}}
 "
     ))
