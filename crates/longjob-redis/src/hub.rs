@@ -233,7 +233,8 @@ impl Hub {
         };
         if needs_subscribe {
             // When disconnected, the supervisor subscribes on reconnection and then resyncs.
-            if let Some(conn) = slot.as_mut() {
+            let connected = self.dispatch.connected();
+            if let Some(conn) = slot.as_mut().filter(|_| connected) {
                 let subscribed = tokio::time::timeout(self.call_timeout, conn.subscribe(channel))
                     .await
                     .map_err(|_| BackendError::Timeout {

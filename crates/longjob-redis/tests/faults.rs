@@ -297,3 +297,71 @@ async fn jobs_of_a_dropped_worker_are_finished_by_another_after_the_lease() {
     eprintln!("{JOBS} jobs of a dropped worker finished by another {took:?} after the drop");
     second.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_and_waiting_claims_survive_a_redis_restart() {
+    use futures::StreamExt;
+    use longjob_core::{EventPayload, ProgressBus, Queue};
+
+    let mut server = PrivateRedis::start();
+    let config = RedisConfig::new(server.url())
+        .prefix("lj-fault-bus")
+        .call_timeout(Duration::from_secs(2));
+    let redis = common::connect(config).await;
+    let (bus, queue) = (redis.bus(), redis.queue());
+    let job = JobId::new();
+    let mut stream = bus.subscribe(job, 0).await.unwrap();
+    for _ in 0..3 {
+        bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    }
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.spawn();
+    // Publish again once Redis answers (the first calls may meet the restart).
+    let mut published = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while published < 3 {
+        assert!(Instant::now() < deadline, "Redis did not come back");
+        match bus.publish(job, EventPayload::Cancelled {}).await {
+            Ok(_) => published += 1,
+            Err(e) => {
+                assert!(e.is_transient(), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let mut seqs = Vec::new();
+    while seqs.len() < 6 {
+        let event = tokio::time::timeout(Duration::from_secs(20), stream.next())
+            .await
+            .expect("events after the restart")
+            .expect("the stream goes on");
+        match event {
+            Ok(event) => seqs.push(event.seq),
+            Err(e) => assert!(e.is_transient(), "{e}"),
+        }
+    }
+    assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
+
+    // A claim waiting after the restart is woken by a push (the subscriber connection is back).
+    let id = JobId::new();
+    let started = Instant::now();
+    let (leases, ()) = tokio::join!(
+        async {
+            queue
+                .claim(1, Duration::from_secs(30), Duration::from_secs(20))
+                .await
+                .unwrap()
+        },
+        async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            queue.push(id, Duration::ZERO).await.unwrap();
+        }
+    );
+    assert_eq!(leases.len(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+}
