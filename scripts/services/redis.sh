@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes a Redis answer on 127.0.0.1:6379 (or on REDIS_PORT): uses the one answering there if
-# any; else installs redis-server from Debian packages when missing and starts one on loopback,
-# without persistence, and waits for PONG. Exits non-zero with a message when it cannot.
+# any; else starts one on loopback, without persistence, and waits for PONG. Either way it
+# installs redis-server from Debian packages when missing: the fault tests of longjob-redis run
+# a private redis-server of their own. Exits non-zero with a message when it cannot.
 set -euo pipefail
 
 PORT="${REDIS_PORT:-6379}"
@@ -11,11 +12,6 @@ answers() {
   command -v redis-cli >/dev/null 2>&1 &&
     [ "$(redis-cli -h 127.0.0.1 -p "$PORT" ping 2>/dev/null || true)" = "PONG" ]
 }
-
-if answers; then
-  echo "redis: answering on 127.0.0.1:$PORT"
-  exit 0
-fi
 
 if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; then
   if ! command -v apt-get >/dev/null 2>&1; then
@@ -32,6 +28,11 @@ if ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/nul
   echo "redis: installing redis-server"
   $SUDO apt-get update -qq >/dev/null
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+fi
+
+if answers; then
+  echo "redis: answering on 127.0.0.1:$PORT"
+  exit 0
 fi
 
 mkdir -p "$RUN_DIR"
