@@ -51,7 +51,11 @@ fn parse() -> Result<Args, String> {
             continue;
         }
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
-        let number = || value.parse::<usize>().map_err(|e| format!("{flag} {value}: {e}"));
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|e| format!("{flag} {value}: {e}"))
+        };
         match flag.as_str() {
             "--redis-url" => args.redis_url = value.clone(),
             "--jobs" => args.jobs = number()?,
@@ -76,7 +80,10 @@ async fn delete_keys(url: &str, queue: &str) -> Result<(), redis::RedisError> {
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
-            redis::cmd("UNLINK").arg(&keys).query_async::<()>(&mut conn).await?;
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut conn)
+                .await?;
         }
         if next == 0 {
             return Ok(());
@@ -163,7 +170,9 @@ async fn main() -> ExitCode {
     let args = match parse() {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("error: {e}\nusage: longjob-bench-apalis [--redis-url URL] [--jobs N] [--concurrency C] [--tuned]");
+            eprintln!(
+                "error: {e}\nusage: longjob-bench-apalis [--redis-url URL] [--jobs N] [--concurrency C] [--tuned]"
+            );
             return ExitCode::from(2);
         }
     };
