@@ -50,6 +50,46 @@ where
     }
 }
 
+/// Writes `job` with compare-and-set, retrying transient errors. A retry that meets a conflict
+/// may be meeting our own first write, which landed before its answer was lost: when the stored
+/// job is exactly that write, it counts as done.
+async fn persist_update(shared: &Shared, job: &Job) -> Result<Job, BackendError> {
+    let store = shared.lj.store();
+    let mut retried = false;
+    let give_up = Instant::now() + shared.config.lease_ttl;
+    let mut failures = 0;
+    loop {
+        match store.update(job).await {
+            Err(e) if e.is_transient() && Instant::now() < give_up => {
+                retried = true;
+                failures += 1;
+                tracing::debug!(error = %e, failures, "transient store error; retrying the write");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            Err(BackendError::Conflict { actual, .. }) if retried && actual == job.version + 1 => {
+                match persist(shared, || store.get(job.id)).await? {
+                    Some(stored)
+                        if stored.version == job.version + 1
+                            && stored.state == job.state
+                            && stored.attempt == job.attempt
+                            && stored.lease_token == job.lease_token =>
+                    {
+                        return Ok(stored);
+                    }
+                    _ => {
+                        return Err(BackendError::Conflict {
+                            id: job.id,
+                            expected: job.version,
+                            actual,
+                        });
+                    }
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     let lj = &shared.lj;
     let queue = lj.queue();
@@ -96,7 +136,7 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
     }
-    job = match persist(shared, || lj.store().update(&job)).await {
+    job = match persist_update(shared, &job).await {
         Ok(job) => job,
         Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
             // Someone wrote the job since we read it (a cancel, a newer lease): look again shortly.
@@ -172,7 +212,7 @@ async fn finish_start_failure(
     }
     job.lease_token = stored_token.max(lease.token);
     if job.fail(error.clone(), now).is_ok() {
-        match persist(shared, || lj.store().update(&job)).await {
+        match persist_update(shared, &job).await {
             Ok(job) => {
                 let payload = EventPayload::Failed {
                     error,
@@ -394,7 +434,7 @@ async fn write_final(
         if !change(&mut next) {
             return Ok(None);
         }
-        match persist(shared, || lj.store().update(&next)).await {
+        match persist_update(shared, &next).await {
             Ok(written) => return Ok(Some(written)),
             Err(BackendError::Conflict { .. }) => {
                 match persist(shared, || lj.store().get(lease.job_id)).await? {
