@@ -231,7 +231,14 @@ pub(crate) fn last_json_line(stdout: &str) -> Option<Value> {
 /// Runs one peer; a peer that cannot be set up, crashes or prints no JSON line is a failure.
 pub(crate) fn run_one(run: &PeerRun, env: &Env) -> Value {
     let mut command = match &run.program {
-        Program::Skipped(why) => return failure(run, env, format!("skipped: {why}")),
+        Program::Skipped(why) => {
+            let mut line = failure(run, env, String::new());
+            if let Some(object) = line.as_object_mut() {
+                object.remove("error");
+                object.insert("skipped".into(), json!(why));
+            }
+            return line;
+        }
         Program::Node { dir, node22 } => {
             let dir = env.peers_dir.join(dir);
             if let Err(e) = npm_ci_if_needed(&dir) {
@@ -329,15 +336,14 @@ pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     let mut row = |value: &Value, mode: String, ratio: String| {
-        let (enqueue, process) = match value.get("error").and_then(Value::as_str) {
-            Some(error) => (
-                "—".to_string(),
-                format!(
-                    "**failed**: {}",
-                    error.replace('|', "\\|").replace('\n', " ")
-                ),
-            ),
-            None => (cell(value, "enqueue_per_s"), cell(value, "process_per_s")),
+        let escape = |s: &str| s.replace('|', "\\|").replace('\n', " ");
+        let (enqueue, process) = match (
+            value.get("error").and_then(Value::as_str),
+            value.get("skipped").and_then(Value::as_str),
+        ) {
+            (Some(error), _) => ("—".to_string(), format!("**failed**: {}", escape(error))),
+            (None, Some(why)) => ("—".to_string(), format!("skipped: {}", escape(why))),
+            (None, None) => (cell(value, "enqueue_per_s"), cell(value, "process_per_s")),
         };
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -358,7 +364,9 @@ pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
     );
     for peer in peers {
         let ratio = match (ours, number(peer, "process_per_s")) {
-            (Some(ours), Some(theirs)) if theirs > 0.0 && peer.get("error").is_none() => {
+            (Some(ours), Some(theirs))
+                if theirs > 0.0 && peer.get("error").is_none() && peer.get("skipped").is_none() =>
+            {
                 format!("{:.2}×", ours / theirs)
             }
             _ => "—".into(),
@@ -426,10 +434,12 @@ mod tests {
                 "enqueue_per_s":30000,"process_per_s":20000}),
             json!({"system":"apalis-redis","mode":"default","jobs":20000,"concurrency":50,
                 "progress":0,"error":"the worker stopped | too many results to unpack"}),
+            json!({"system":"pg-boss","mode":"batch","jobs":20000,"concurrency":50,
+                "progress":0,"skipped":"no progress API"}),
         ];
         let table = table(&longjob, &peers);
         let lines: Vec<_> = table.lines().collect();
-        assert_eq!(lines.len(), 5, "{table}");
+        assert_eq!(lines.len(), 6, "{table}");
         assert!(
             lines[2].starts_with(
                 "| longjob | redis backend | 20000 | 50 | 0 | 90000 | 40000 | 1.00× |"
@@ -445,5 +455,9 @@ mod tests {
             "{table}"
         );
         assert!(lines[4].ends_with("| — |"), "{table}");
+        assert!(
+            lines[5].ends_with("| — | skipped: no progress API | — |"),
+            "{table}"
+        );
     }
 }
