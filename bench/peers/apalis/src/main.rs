@@ -84,7 +84,10 @@ fn queue_name(backend: &str) -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or_default();
-    format!("longjob-bench-apalis-{backend}-{}-{nanos}", std::process::id())
+    format!(
+        "longjob-bench-apalis-{backend}-{}-{nanos}",
+        std::process::id()
+    )
 }
 
 async fn noop(_job: Value) -> Result<(), BoxDynError> {
@@ -262,6 +265,27 @@ async fn run_redis(args: &Args) -> Result<Value, String> {
             break;
         }
     }
+    // apalis registers each queue (by its workers' key) in a global sorted set.
+    const QUEUES: &str = "core:apalis:queues:list";
+    if let Ok(members) = redis::cmd("ZRANGE")
+        .arg(QUEUES)
+        .arg(0)
+        .arg(-1)
+        .query_async::<Vec<String>>(&mut conn)
+        .await
+    {
+        let ours: Vec<&String> = members.iter().filter(|m| m.starts_with(&queue)).collect();
+        if !ours.is_empty() {
+            if let Err(e) = redis::cmd("ZREM")
+                .arg(QUEUES)
+                .arg(&ours)
+                .query_async::<u64>(&mut conn)
+                .await
+            {
+                eprintln!("apalis-redis: cleanup ZREM: {e}");
+            }
+        }
+    }
     result
 }
 
@@ -325,12 +349,16 @@ async fn run_postgres(args: &Args) -> Result<Value, String> {
         Ok::<_, String>(figures(args, enqueue_s, process_s?))
     }
     .await;
-    if let Err(e) = sqlx::query("DELETE FROM apalis.jobs WHERE job_type = $1")
-        .bind(&queue)
-        .execute(&pool)
-        .await
-    {
-        eprintln!("apalis-postgres: cleanup: {e}");
+    for (table, sql) in [
+        ("jobs", "DELETE FROM apalis.jobs WHERE job_type = $1"),
+        (
+            "workers",
+            "DELETE FROM apalis.workers WHERE worker_type = $1",
+        ),
+    ] {
+        if let Err(e) = sqlx::query(sql).bind(&queue).execute(&pool).await {
+            eprintln!("apalis-postgres: cleanup of apalis.{table}: {e}");
+        }
     }
     result
 }
@@ -339,7 +367,9 @@ fn main() -> ExitCode {
     let args = match parse(std::env::args().skip(1)) {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("usage: apalis-peer --backend redis|postgres --mode default|tuned --jobs N --concurrency C [--timeout S] [--stall S]");
+            eprintln!(
+                "usage: apalis-peer --backend redis|postgres --mode default|tuned --jobs N --concurrency C [--timeout S] [--stall S]"
+            );
             println!("{}", json!({"system": "apalis", "error": e}));
             return ExitCode::from(2);
         }
