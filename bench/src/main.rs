@@ -13,6 +13,7 @@
 //! `--redis-url` / `--database-url` (else `REDIS_URL` / `DATABASE_URL`, else loopback defaults).
 
 mod peers;
+mod redis_stats;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -184,13 +185,26 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let line = match runtime.block_on(throughput(&args)) {
+    // On Redis, the server's command count before and after (INFO commandstats).
+    let before = (args.backend == "redis").then(|| redis_stats::command_calls(&args.redis_url));
+    let mut line = match runtime.block_on(throughput(&args)) {
         Ok(line) => line,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
+    match before {
+        Some(Ok(before)) => match redis_stats::command_calls(&args.redis_url) {
+            Ok(after) => {
+                line["redis_commands_per_job"] =
+                    peers::per_job(after.saturating_sub(before), args.jobs)
+            }
+            Err(e) => eprintln!("redis commands per job: {e}"),
+        },
+        Some(Err(e)) => eprintln!("redis commands per job: {e}"),
+        None => {}
+    }
     println!("{line}");
     drop(runtime);
     if args.peers {

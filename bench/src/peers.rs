@@ -65,6 +65,21 @@ pub(crate) struct PeerRun {
     pub(crate) program: Program,
 }
 
+impl PeerRun {
+    /// Whether it runs on Redis (its Redis commands per job are then measured).
+    fn on_redis(&self) -> bool {
+        matches!(
+            self.program,
+            Program::Node { dir: "bullmq", .. } | Program::Apalis { backend: "redis" }
+        )
+    }
+}
+
+/// `calls` Redis commands over `jobs` jobs, one decimal.
+pub(crate) fn per_job(calls: u64, jobs: usize) -> Value {
+    json!(((calls as f64 / jobs.max(1) as f64) * 10.0).round() / 10.0)
+}
+
 /// What to run for a set, at N jobs, concurrency C and P progress calls per job.
 pub(crate) fn plan(set: PeerSet, jobs: usize, progress: u64) -> Vec<PeerRun> {
     const NO_PROGRESS: &str = "no progress API (runs with P=0 only)";
@@ -282,15 +297,29 @@ pub(crate) fn run_one(run: &PeerRun, env: &Env) -> Value {
         "peers: {} ({}) N={} C={} P={}",
         run.system, run.mode, run.jobs, env.concurrency, env.progress
     );
+    let before = run
+        .on_redis()
+        .then(|| crate::redis_stats::command_calls(&env.redis_url));
     let output = match command.output() {
         Ok(output) => output,
         Err(e) => return failure(run, env, format!("cannot start: {e}")),
+    };
+    let commands = match before {
+        Some(Ok(before)) => crate::redis_stats::command_calls(&env.redis_url)
+            .ok()
+            .map(|after| per_job(after.saturating_sub(before), run.jobs)),
+        _ => None,
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
     match last_json_line(&stdout) {
         Some(mut line) => {
             // The plan's mode names the row, whatever the peer calls it.
             line["mode"] = json!(run.mode);
+            if let Some(commands) = commands {
+                if line.get("error").is_none() {
+                    line["redis_commands_per_job"] = commands;
+                }
+            }
             eprintln!("peers: {line}");
             line
         }
@@ -331,10 +360,17 @@ fn system_cell(value: &Value) -> String {
 /// Markdown table: longjob's row first, then each peer with longjob's `process_per_s` ratio.
 pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
     let ours = number(longjob, "process_per_s");
+    let commands = std::iter::once(longjob)
+        .chain(peers)
+        .any(|v| v.get("redis_commands_per_job").is_some());
     let mut out = String::from(
-        "| system | mode | N | C | P | enqueue/s | process/s | longjob ÷ peer (process/s) |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| system | mode | N | C | P | enqueue/s | process/s | longjob ÷ peer (process/s) |",
     );
+    out.push_str(if commands {
+        " Redis commands/job |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
+    } else {
+        "\n|---|---|---:|---:|---:|---:|---:|---:|\n"
+    });
     let mut row = |value: &Value, mode: String, ratio: String| {
         let escape = |s: &str| s.replace('|', "\\|").replace('\n', " ");
         let (enqueue, process) = match (
@@ -345,8 +381,13 @@ pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
             (None, Some(why)) => ("—".to_string(), format!("skipped: {}", escape(why))),
             (None, None) => (cell(value, "enqueue_per_s"), cell(value, "process_per_s")),
         };
+        let extra = if commands {
+            format!(" {} |", cell(value, "redis_commands_per_job"))
+        } else {
+            String::new()
+        };
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |{extra}\n",
             system_cell(value),
             mode,
             cell(value, "jobs"),
@@ -459,5 +500,20 @@ mod tests {
             lines[5].ends_with("| — | skipped: no progress API | — |"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn table_adds_redis_commands_when_measured() {
+        let longjob = json!({"system":"longjob","backend":"redis","jobs":100,"concurrency":5,
+            "progress":0,"enqueue_per_s":900,"process_per_s":400,"redis_commands_per_job":3.5});
+        let peers = vec![
+            json!({"system":"bullmq","mode":"default","jobs":100,"concurrency":5,
+            "progress":0,"enqueue_per_s":300,"process_per_s":200,"redis_commands_per_job":per_job(1234, 100)}),
+        ];
+        let table = table(&longjob, &peers);
+        let lines: Vec<_> = table.lines().collect();
+        assert!(lines[0].ends_with("| Redis commands/job |"), "{table}");
+        assert!(lines[2].ends_with("| 1.00× | 3.5 |"), "{table}");
+        assert!(lines[3].ends_with("| 2.00× | 12.3 |"), "{table}");
     }
 }
