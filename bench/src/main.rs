@@ -13,6 +13,7 @@
 //! `--redis-url` / `--database-url` (else `REDIS_URL` / `DATABASE_URL`, else loopback defaults).
 
 mod peers;
+mod pg_stats;
 mod redis_stats;
 
 use std::process::ExitCode;
@@ -185,8 +186,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // On Redis, the server's command count before and after (INFO commandstats).
+    // On Redis, the server's command count before and after (INFO commandstats); on PostgreSQL,
+    // the database's transaction count.
     let before = (args.backend == "redis").then(|| redis_stats::command_calls(&args.redis_url));
+    let pg_before =
+        (args.backend == "postgres").then(|| pg_stats::transactions(&args.database_url));
     let mut line = match runtime.block_on(throughput(&args)) {
         Ok(line) => line,
         Err(e) => {
@@ -205,8 +209,18 @@ fn main() -> ExitCode {
         Some(Err(e)) => eprintln!("redis commands per job: {e}"),
         None => {}
     }
-    println!("{line}");
     drop(runtime);
+    match pg_before {
+        Some(Ok(before)) => match pg_stats::after(&args.database_url) {
+            Ok(after) => {
+                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs)
+            }
+            Err(e) => eprintln!("PostgreSQL transactions per job: {e}"),
+        },
+        Some(Err(e)) => eprintln!("PostgreSQL transactions per job: {e}"),
+        None => {}
+    }
+    println!("{line}");
     if args.peers {
         run_peers(&args, &line);
     }

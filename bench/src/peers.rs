@@ -73,6 +73,19 @@ impl PeerRun {
             Program::Node { dir: "bullmq", .. } | Program::Apalis { backend: "redis" }
         )
     }
+
+    /// Whether it runs on PostgreSQL (its transactions per job are then measured).
+    fn on_postgres(&self) -> bool {
+        matches!(
+            self.program,
+            Program::Node {
+                dir: "graphile-worker" | "pg-boss",
+                ..
+            } | Program::Apalis {
+                backend: "postgres"
+            }
+        )
+    }
 }
 
 /// `calls` Redis commands over `jobs` jobs, one decimal.
@@ -300,6 +313,9 @@ pub(crate) fn run_one(run: &PeerRun, env: &Env) -> Value {
     let before = run
         .on_redis()
         .then(|| crate::redis_stats::command_calls(&env.redis_url));
+    let pg_before = run
+        .on_postgres()
+        .then(|| crate::pg_stats::transactions(&env.database_url));
     let output = match command.output() {
         Ok(output) => output,
         Err(e) => return failure(run, env, format!("cannot start: {e}")),
@@ -310,14 +326,27 @@ pub(crate) fn run_one(run: &PeerRun, env: &Env) -> Value {
             .map(|after| per_job(after.saturating_sub(before), run.jobs)),
         _ => None,
     };
+    let transactions = match pg_before {
+        Some(Ok(before)) => crate::pg_stats::after(&env.database_url)
+            .ok()
+            .map(|after| crate::pg_stats::per_job(before, after, run.jobs)),
+        Some(Err(e)) => {
+            eprintln!("peers: PostgreSQL transactions per job not measured: {e}");
+            None
+        }
+        None => None,
+    };
     let stdout = String::from_utf8_lossy(&output.stdout);
     match last_json_line(&stdout) {
         Some(mut line) => {
             // The plan's mode names the row, whatever the peer calls it.
             line["mode"] = json!(run.mode);
-            if let Some(commands) = commands {
-                if line.get("error").is_none() {
+            if line.get("error").is_none() {
+                if let Some(commands) = commands {
                     line["redis_commands_per_job"] = commands;
+                }
+                if let Some(transactions) = transactions {
+                    line["pg_transactions_per_job"] = transactions;
                 }
             }
             eprintln!("peers: {line}");
@@ -360,17 +389,29 @@ fn system_cell(value: &Value) -> String {
 /// Markdown table: longjob's row first, then each peer with longjob's `process_per_s` ratio.
 pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
     let ours = number(longjob, "process_per_s");
-    let commands = std::iter::once(longjob)
-        .chain(peers)
-        .any(|v| v.get("redis_commands_per_job").is_some());
+    // Optional columns, present when some row has the figure.
+    let extras: Vec<(&str, &str)> = [
+        ("redis_commands_per_job", "Redis commands/job"),
+        ("pg_transactions_per_job", "PostgreSQL transactions/job"),
+    ]
+    .into_iter()
+    .filter(|(key, _)| {
+        std::iter::once(longjob)
+            .chain(peers)
+            .any(|v| v.get(*key).is_some())
+    })
+    .collect();
     let mut out = String::from(
         "| system | mode | N | C | P | enqueue/s | process/s | longjob ÷ peer (process/s) |",
     );
-    out.push_str(if commands {
-        " Redis commands/job |\n|---|---|---:|---:|---:|---:|---:|---:|---:|\n"
-    } else {
-        "\n|---|---|---:|---:|---:|---:|---:|---:|\n"
-    });
+    for (_, title) in &extras {
+        out.push_str(&format!(" {title} |"));
+    }
+    out.push_str("\n|---|---|---:|---:|---:|---:|---:|---:|");
+    for _ in &extras {
+        out.push_str("---:|");
+    }
+    out.push('\n');
     let mut row = |value: &Value, mode: String, ratio: String| {
         let escape = |s: &str| s.replace('|', "\\|").replace('\n', " ");
         let (enqueue, process) = match (
@@ -381,11 +422,10 @@ pub(crate) fn table(longjob: &Value, peers: &[Value]) -> String {
             (None, Some(why)) => ("—".to_string(), format!("skipped: {}", escape(why))),
             (None, None) => (cell(value, "enqueue_per_s"), cell(value, "process_per_s")),
         };
-        let extra = if commands {
-            format!(" {} |", cell(value, "redis_commands_per_job"))
-        } else {
-            String::new()
-        };
+        let extra: String = extras
+            .iter()
+            .map(|(key, _)| format!(" {} |", cell(value, key)))
+            .collect();
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |{extra}\n",
             system_cell(value),
@@ -515,5 +555,6 @@ mod tests {
         assert!(lines[0].ends_with("| Redis commands/job |"), "{table}");
         assert!(lines[2].ends_with("| 1.00× | 3.5 |"), "{table}");
         assert!(lines[3].ends_with("| 2.00× | 12.3 |"), "{table}");
+        assert_eq!(lines[1].matches("---:").count(), 7, "{table}");
     }
 }
