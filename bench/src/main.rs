@@ -100,8 +100,9 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
     Ok(args)
 }
 
-/// The facade under test: one match arm per backend.
-fn facade(args: &Args) -> Result<LongJob, String> {
+/// The facade under test: one match arm per backend (async, for backends that connect first;
+/// `args` carries `redis_url` and `database_url`).
+async fn facade(args: &Args) -> Result<LongJob, String> {
     let mut config = LongJobConfig::default();
     config.jobs_per_hour = None;
     match args.backend.as_str() {
@@ -111,7 +112,7 @@ fn facade(args: &Args) -> Result<LongJob, String> {
 }
 
 async fn throughput(args: &Args) -> Result<serde_json::Value, String> {
-    let lj = facade(args)?;
+    let lj = facade(args).await?;
     let requests: Vec<SubmitRequest> = (0..args.jobs)
         .map(|i| SubmitRequest::new("noop", OWNER, serde_json::json!(i)).max_attempts(1))
         .collect();
