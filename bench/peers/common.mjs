@@ -75,6 +75,14 @@ export function runMain(system, backend, main) {
     console.log(JSON.stringify({ system, backend, error: String(e.message || e) }));
     process.exit(2);
   }
+  // Whatever hangs, the run ends with a failure line.
+  setTimeout(() => {
+    console.log(JSON.stringify({
+      system, backend, mode: args.mode, jobs: args.jobs, concurrency: args.concurrency,
+      progress: args.progress, error: `gave up after ${args.timeout + 60}s`,
+    }));
+    process.exit(1);
+  }, (args.timeout + 60) * 1000).unref();
   main(args).then(
     (line) => {
       console.log(JSON.stringify(line));

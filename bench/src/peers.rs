@@ -7,8 +7,10 @@
 //! built by `cargo build --release` in its own target directory (`$CARGO_TARGET_DIR-peers`, else
 //! `target/peers`), never as part of the workspace. Progress goes to stderr.
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -247,6 +249,42 @@ fn build_apalis(env: &Env) -> Result<PathBuf, String> {
     Ok(target.join("release").join("longjob-bench-peer-apalis"))
 }
 
+/// Runs `command` with stdout captured; kills it past `deadline` (the peers bound their own runs,
+/// this is the backstop for one that hangs anyway).
+fn run_with_deadline(command: &mut Command, deadline: Duration) -> Result<Output, String> {
+    let mut child = command
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start: {e}"))?;
+    let mut stdout = child.stdout.take();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        if let Some(stdout) = stdout.as_mut() {
+            let _ = stdout.read_to_end(&mut out);
+        }
+        out
+    });
+    let started = Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if started.elapsed() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("killed after {}s", deadline.as_secs()));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(format!("waiting for it: {e}")),
+        }
+    };
+    let stdout = reader.join().unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout,
+        stderr: Vec::new(),
+    })
+}
+
 /// The last line of `stdout` that is a JSON object.
 pub(crate) fn last_json_line(stdout: &str) -> Option<Value> {
     stdout
@@ -316,9 +354,12 @@ pub(crate) fn run_one(run: &PeerRun, env: &Env) -> Value {
     let pg_before = run
         .on_postgres()
         .then(|| crate::pg_stats::transactions(&env.database_url));
-    let output = match command.output() {
+    let output = match run_with_deadline(
+        &mut command,
+        Duration::from_secs(env.timeout_s.saturating_add(120)),
+    ) {
         Ok(output) => output,
-        Err(e) => return failure(run, env, format!("cannot start: {e}")),
+        Err(e) => return failure(run, env, e),
     };
     let commands = match before {
         Some(Ok(before)) => crate::redis_stats::command_calls(&env.redis_url)
@@ -497,6 +538,24 @@ mod tests {
                 .all(|r| matches!(r.program, Program::Skipped(_)))
         );
         assert_eq!(plan(PeerSet::Postgres, 1_000, 0).len(), 5);
+    }
+
+    #[test]
+    fn a_child_past_its_deadline_is_killed_and_output_is_kept_otherwise() {
+        let mut sleeper = Command::new("sleep");
+        sleeper.arg("30");
+        let started = Instant::now();
+        let err = run_with_deadline(&mut sleeper, Duration::from_millis(300)).unwrap_err();
+        assert!(err.starts_with("killed after"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(10));
+        let mut echo = Command::new("echo");
+        echo.arg("{\"system\":\"x\"}");
+        let output = run_with_deadline(&mut echo, Duration::from_secs(30)).unwrap();
+        assert!(output.status.success());
+        assert_eq!(
+            last_json_line(&String::from_utf8_lossy(&output.stdout)).unwrap()["system"],
+            "x"
+        );
     }
 
     #[test]

@@ -53,14 +53,36 @@ function versionOf(pkg) {
   }
 }
 
+function fail(e) {
+  console.log(JSON.stringify({ system: SYSTEM, backend: 'redis', error: String(e && e.message ? e.message : e) }));
+  process.exit(1);
+}
+
+// Rejects after `ms` with `message` unless `promise` settles first.
+function within(promise, ms, message) {
+  let timer;
+  return Promise.race([
+    promise,
+    new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(message)), ms); }),
+  ]).finally(() => clearTimeout(timer));
+}
+
 async function main() {
   const args = parseArgs(process.argv.slice(2));
-  const connection = connectionFromUrl(process.env.REDIS_URL || 'redis://127.0.0.1:6379');
+  // Whatever hangs (an unreachable Redis retries forever in ioredis), the run ends.
+  setTimeout(() => fail(`gave up after ${args.timeout + 60}s`), (args.timeout + 60) * 1000).unref();
+  const url = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+  const connection = connectionFromUrl(url);
   const name = `bench-${process.pid}-${Date.now()}`;
   const queue = new Queue(name, { connection });
+  queue.on('error', () => {});
+  try {
+    await within(queue.waitUntilReady(), 10000, `cannot reach Redis at ${url} within 10s`);
+  } catch (e) {
+    fail(e);
+  }
   let worker;
   try {
-    await queue.waitUntilReady();
     const enqueueStarted = performance.now();
     for (let i = 0; i < args.jobs; i += 1000) {
       const chunk = [];
@@ -124,10 +146,4 @@ async function main() {
   }
 }
 
-main().then(
-  () => process.exit(0),
-  (e) => {
-    console.log(JSON.stringify({ system: SYSTEM, backend: 'redis', error: String(e && e.message ? e.message : e) }));
-    process.exit(1);
-  },
-);
+main().then(() => process.exit(0), fail);

@@ -385,10 +385,17 @@ fn main() -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        match args.backend.as_str() {
-            "redis" => run_redis(&args).await,
-            _ => run_postgres(&args).await,
-        }
+        let run = async {
+            match args.backend.as_str() {
+                "redis" => run_redis(&args).await,
+                _ => run_postgres(&args).await,
+            }
+        };
+        // Whatever hangs (a server that does not answer), the run ends with a failure line.
+        let limit = args.timeout + Duration::from_secs(60);
+        tokio::time::timeout(limit, run)
+            .await
+            .unwrap_or_else(|_| Err(format!("gave up after {}s", limit.as_secs())))
     });
     // Do not wait for a stuck worker task on the way out.
     runtime.shutdown_timeout(Duration::from_secs(1));
