@@ -33,10 +33,11 @@ fn parse(out: &str) -> Result<u64, String> {
         .map_err(|e| format!("psql printed {:?}: {e}", out.trim()))
 }
 
-/// Transactions per job between two readings (the reading's own transaction left out).
+/// Transactions per job between two readings (the reading's own transaction left out), two
+/// decimals (batching systems run well under one transaction per job).
 pub(crate) fn per_job(before: u64, after: u64, jobs: usize) -> serde_json::Value {
     let delta = after.saturating_sub(before).saturating_sub(1);
-    serde_json::json!(((delta as f64 / jobs.max(1) as f64) * 10.0).round() / 10.0)
+    serde_json::json!(((delta as f64 / jobs.max(1) as f64) * 100.0).round() / 100.0)
 }
 
 /// The second reading: waits a second for the stats of the measured (now disconnected)
@@ -55,6 +56,7 @@ mod tests {
         assert_eq!(parse(" 1234\n").unwrap(), 1234);
         assert!(parse("").is_err());
         assert_eq!(per_job(100, 301, 100), serde_json::json!(2.0));
+        assert_eq!(per_job(0, 4, 100), serde_json::json!(0.03));
         assert_eq!(per_job(100, 100, 100), serde_json::json!(0.0));
     }
 }
