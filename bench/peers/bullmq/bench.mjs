@@ -1,6 +1,7 @@
 // BullMQ peer of longjob-bench.
 //
 //   REDIS_URL=redis://127.0.0.1:6379 node bench.mjs --jobs N --concurrency C --progress P
+//   (or --redis-url URL; also --timeout S, default 600)
 //
 // Bulk-adds N no-op jobs (addBulk in chunks of 1000) to a fresh queue, then starts one Worker of
 // concurrency C whose processor calls job.updateProgress P times; process_per_s is N over the time
@@ -12,9 +13,10 @@ import { Queue, Worker } from 'bullmq';
 const SYSTEM = 'bullmq';
 
 function parseArgs(argv) {
-  const args = { jobs: 20000, concurrency: 50, progress: 0, timeout: 600 };
+  const args = { jobs: 20000, concurrency: 50, progress: 0, timeout: 600, redisUrl: undefined };
   for (let i = 0; i < argv.length; i += 2) {
     const flag = argv[i];
+    if (flag === '--redis-url') { args.redisUrl = argv[i + 1]; continue; }
     const value = Number(argv[i + 1]);
     if (!Number.isFinite(value)) throw new Error(`${flag} needs a number`);
     switch (flag) {
@@ -71,7 +73,7 @@ async function main() {
   const args = parseArgs(process.argv.slice(2));
   // Whatever hangs (an unreachable Redis retries forever in ioredis), the run ends.
   setTimeout(() => fail(`gave up after ${args.timeout + 60}s`), (args.timeout + 60) * 1000).unref();
-  const url = process.env.REDIS_URL || 'redis://127.0.0.1:6379';
+  const url = args.redisUrl || process.env.REDIS_URL || 'redis://127.0.0.1:6379';
   const connection = connectionFromUrl(url);
   const name = `bench-${process.pid}-${Date.now()}`;
   const queue = new Queue(name, { connection });

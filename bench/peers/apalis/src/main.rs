@@ -4,6 +4,8 @@
 //! REDIS_URL=redis://127.0.0.1:6379 apalis-peer --backend redis --mode default|tuned --jobs N --concurrency C
 //! DATABASE_URL=postgres://… apalis-peer --backend postgres --mode default|tuned --jobs N --concurrency C
 //! ```
+//! Also `--redis-url URL` / `--database-url URL` instead of the variables, `--tuned` for
+//! `--mode tuned`, `--timeout S` (default 600) and `--stall S` (default 20).
 //! Pushes N no-op jobs (`push_bulk` in chunks of 1000) on a fresh queue, then runs one worker of
 //! concurrency C; `process_per_s` is N over the time from the worker's start until the backend
 //! shows all N jobs done (the `done` set in Redis, `status = 'Done'` rows in Postgres, polled every
@@ -33,6 +35,10 @@ struct Args {
     progress: u64,
     timeout: Duration,
     stall: Duration,
+    /// Else `REDIS_URL`, else loopback.
+    redis_url: Option<String>,
+    /// Else `DATABASE_URL`, else loopback.
+    database_url: Option<String>,
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -44,8 +50,14 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         progress: 0,
         timeout: Duration::from_secs(600),
         stall: Duration::from_secs(20),
+        redis_url: None,
+        database_url: None,
     };
     while let Some(flag) = argv.next() {
+        if flag == "--tuned" {
+            args.mode = "tuned".into();
+            continue;
+        }
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
@@ -60,6 +72,8 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--progress" => args.progress = number()?,
             "--timeout" => args.timeout = Duration::from_secs(number()?),
             "--stall" => args.stall = Duration::from_secs(number()?),
+            "--redis-url" => args.redis_url = Some(value.clone()),
+            "--database-url" => args.database_url = Some(value.clone()),
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -180,7 +194,9 @@ fn figures(args: &Args, enqueue_s: f64, process_s: f64) -> Value {
 
 async fn run_redis(args: &Args) -> Result<Value, String> {
     use apalis_redis::{Config, RedisStorage};
-    let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = args.redis_url.clone().unwrap_or_else(|| {
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+    });
     let conn = apalis_redis::connect(url.as_str())
         .await
         .map_err(|e| format!("redis {url}: {e}"))?;
@@ -291,8 +307,10 @@ async fn run_redis(args: &Args) -> Result<Value, String> {
 
 async fn run_postgres(args: &Args) -> Result<Value, String> {
     use apalis_postgres::{Config, PgPool, PostgresStorage};
-    let url = std::env::var("DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let url = args.database_url.clone().unwrap_or_else(|| {
+        std::env::var("DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    });
     let pool = PgPool::connect(&url)
         .await
         .map_err(|e| format!("postgres: {e}"))?;
