@@ -9,6 +9,7 @@ export function parseArgs(argv, defaults = {}) {
     const raw = argv[i + 1];
     if (raw === undefined) throw new Error(`${flag} needs a value`);
     if (flag === '--mode') { args.mode = raw; continue; }
+    if (flag === '--database-url') { process.env.DATABASE_URL = raw; continue; }
     const value = Number(raw);
     if (!Number.isFinite(value)) throw new Error(`${flag} needs a number`);
     switch (flag) {
