@@ -114,9 +114,7 @@ pub async fn build(config: &Config, prefix: &str) -> Result<Backends, BackendCon
 async fn build_s3(config: &Config) -> Result<Backends, BackendConfigError> {
     let s3 = crate::s3::s3_config(config)?;
     let endpoint = s3.endpoint.clone().unwrap_or_else(|| "AWS".to_owned());
-    let results = S3BlobStore::new(s3)
-        .await
-        .map_err(BackendConfigError::S3)?;
+    let results = S3BlobStore::new(s3).await.map_err(BackendConfigError::S3)?;
     let source_bucket = set(&config.s3_source_bucket)
         .unwrap_or(results.bucket())
         .to_owned();

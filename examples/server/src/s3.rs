@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use longjob_axum::{FileInfo, FileSource};
-use longjob_core::blob::{BlobBody, BlobMeta, BlobStore, ByteStream, PresignedUrl, PutOptions};
 use longjob_core::BackendResult;
+use longjob_core::blob::{BlobBody, BlobMeta, BlobStore, ByteStream, PresignedUrl, PutOptions};
 use longjob_s3::{S3BlobStore, S3Config, S3ConfigError};
 use tokio_util::sync::CancellationToken;
 
