@@ -54,9 +54,12 @@ impl S3Source {
 #[async_trait]
 impl FileSource for S3Source {
     async fn check(&self, file_id: u64) -> BackendResult<Option<FileInfo>> {
+        // The key as the replaced service reported it (without S3_KEY_PREFIX): with the source
+        // in the results bucket, the legacy `/start` finds this very object in the results
+        // store and presigns it without copying it.
         let key = source_key(file_id);
         Ok(self.store.head(&key).await?.map(|meta| FileInfo {
-            key: self.store.object_key(&key),
+            key,
             size: meta.size,
         }))
     }

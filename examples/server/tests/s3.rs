@@ -174,11 +174,7 @@ async fn a_job_on_s3_gathers_the_seeded_files_and_is_downloaded_from_s3_by_presi
     let body = check(&s, 70_002).await;
     assert_eq!(body["available"], true, "{body}");
     assert_eq!(body["size"], files[&70_002].len() as u64, "{body}");
-    assert_eq!(
-        body["s3Key"],
-        format!("{}downloads/70002.zip", s3.prefix),
-        "{body}"
-    );
+    assert_eq!(body["s3Key"], "downloads/70002.zip", "{body}");
     let body = check(&s, missing).await;
     assert_eq!(body["available"], false, "{body}");
     assert!(body["size"].is_null(), "{body}");
@@ -254,6 +250,25 @@ async fn a_job_on_s3_gathers_the_seeded_files_and_is_downloaded_from_s3_by_presi
             want.len()
         );
     }
+
+    // The legacy synchronous /start: a presigned URL of the source object itself.
+    let res = s
+        .post_json("/v1/download/start", &json!({ "file_id": 70_005 }))
+        .await;
+    assert_eq!(res.status(), 200);
+    let started: Value = res.json().await.unwrap();
+    assert_eq!(started["status"], "completed", "{started}");
+    let start_link = started["downloadUrl"].as_str().unwrap();
+    assert!(
+        start_link.starts_with(&format!(
+            "{}/{}/{}downloads/70005.zip?",
+            s3.endpoint, s3.bucket, s3.prefix
+        )),
+        "{start_link}"
+    );
+    let fetched = reqwest::get(start_link).await.unwrap();
+    assert_eq!(fetched.status(), 200);
+    assert!(fetched.bytes().await.unwrap()[..] == files[&70_005][..]);
 
     // A changed signature is refused by the S3 server itself.
     let at = link.find("X-Amz-Signature=").unwrap() + "X-Amz-Signature=".len();
@@ -341,4 +356,102 @@ async fn results_past_the_retention_are_deleted_from_the_bucket() {
     let res = s.get(&format!("/v1/download/job/{id}")).await;
     assert_eq!(res.status(), 404);
     assert!(store.head("downloads/70001.zip").await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn files_can_come_from_a_separate_source_bucket() {
+    let s3 = S3Env::new();
+    let results = s3.store().await;
+    // A second bucket on the same server, made when missing.
+    let source_bucket = format!("{}-source", s3.bucket);
+    let source = results
+        .for_bucket(source_bucket.clone(), s3.prefix.clone())
+        .unwrap();
+    if let Err(e) = results
+        .client()
+        .create_bucket()
+        .bucket(&source_bucket)
+        .send()
+        .await
+    {
+        let code = aws_sdk_s3::error::ProvideErrorMetadata::code(&e).map(str::to_owned);
+        assert!(
+            matches!(
+                code.as_deref(),
+                Some("BucketAlreadyOwnedByYou" | "BucketAlreadyExists")
+            ),
+            "creating {source_bucket}: {e:?}"
+        );
+    }
+    let files: BTreeMap<u64, Vec<u8>> =
+        [(70_011u64, content(11, 70_000)), (70_012, content(12, 5))]
+            .into_iter()
+            .collect();
+    seed(&source, &files).await;
+
+    let mut vars = s3.server_vars();
+    vars.push(("S3_SOURCE_BUCKET", source_bucket.clone()));
+    let s = start(&vars, true).await;
+    assert!(
+        s.log()
+            .contains(&format!("source=s3(bucket={source_bucket}"))
+    );
+    assert_eq!(check(&s, 70_011).await["size"], 70_000);
+    // Not in the results bucket, so not available.
+    seed(
+        &results,
+        &[(70_013u64, content(13, 10))].into_iter().collect(),
+    )
+    .await;
+    assert_eq!(check(&s, 70_013).await["available"], false);
+
+    let id = s.initiate(&[70_011, 70_012, 70_013], None).await;
+    let done = s.wait_finished(&id, None).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let url: Value = s
+        .get(&format!("/v1/download/job/{id}/download-url"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let bytes = reqwest::get(url["downloadUrl"].as_str().unwrap())
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes.to_vec())).unwrap();
+    assert_eq!(archive.len(), 2);
+    for (fid, want) in &files {
+        let mut got = Vec::new();
+        archive
+            .by_name(&format!("{fid}.zip"))
+            .unwrap()
+            .read_to_end(&mut got)
+            .unwrap();
+        assert!(got == *want, "entry {fid}");
+    }
+    // The result is in the results bucket, not the source bucket.
+    assert!(
+        results
+            .head(&format!("results/{id}.zip"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        source
+            .head(&format!("results/{id}.zip"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+
+    // s3.sh clears test prefixes of the main bucket only: leave nothing behind here.
+    for fid in files.keys() {
+        source
+            .delete(&format!("downloads/{fid}.zip"))
+            .await
+            .unwrap();
+    }
 }
