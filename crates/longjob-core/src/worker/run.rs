@@ -174,16 +174,17 @@ async fn finish_start_failure(
     if job.fail(error.clone(), now).is_ok() {
         match persist(shared, || lj.store().update(&job)).await {
             Ok(job) => {
-                let _ = lj
-                    .bus()
-                    .publish(
-                        job.id,
-                        EventPayload::Failed {
-                            error,
-                            attempt: job.attempt,
-                        },
-                    )
-                    .await;
+                let payload = EventPayload::Failed {
+                    error,
+                    attempt: job.attempt,
+                };
+                return announce(
+                    shared,
+                    job.id,
+                    payload,
+                    persist(shared, || lj.queue().ack(&lease)),
+                )
+                .await;
             }
             Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
                 persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
@@ -194,6 +195,24 @@ async fn finish_start_failure(
     }
     persist(shared, || lj.queue().ack(&lease)).await?;
     Ok(())
+}
+
+/// Publishes an attempt's outcome while the lease is settled (acked or requeued): the two are
+/// independent, so they share one round trip's wait. The event is retried on transient errors,
+/// since a subscriber waits for it; failing that it is logged, the store holding the truth.
+async fn announce(
+    shared: &Shared,
+    job_id: crate::JobId,
+    payload: EventPayload,
+    settle: impl std::future::Future<Output = Result<bool, BackendError>>,
+) -> Result<(), BackendError> {
+    let publish = async {
+        if let Err(e) = persist(shared, || shared.lj.bus().publish(job_id, payload.clone())).await {
+            tracing::warn!(error = %e, "outcome event not published");
+        }
+    };
+    let ((), settled) = tokio::join!(publish, settle);
+    settled.map(drop)
 }
 
 async fn conclude(
@@ -247,8 +266,13 @@ async fn conclude(
                     expires_at,
                     size,
                 };
-                let _ = lj.bus().publish(job.id, payload).await;
-                persist(shared, || queue.ack(&lease)).await?;
+                announce(
+                    shared,
+                    job.id,
+                    payload,
+                    persist(shared, || queue.ack(&lease)),
+                )
+                .await?;
             } else if let Some(result) = result {
                 // The job was cancelled or taken over meanwhile: its result is not wanted.
                 let _ = lj.blobs().delete(&result.blob_key).await;
@@ -270,11 +294,14 @@ async fn conclude(
                     .await?;
                     if let Some(job) = retrying {
                         tracing::info!(attempt, error = %error, ?delay, "attempt failed; retrying");
-                        let _ = lj
-                            .bus()
-                            .publish(job.id, EventPayload::status_of(&job))
-                            .await;
-                        persist(shared, || queue.requeue(&lease, delay)).await?;
+                        let payload = EventPayload::status_of(&job);
+                        announce(
+                            shared,
+                            job.id,
+                            payload,
+                            persist(shared, || queue.requeue(&lease, delay)),
+                        )
+                        .await?;
                     }
                 }
                 RetryDecision::GiveUp => {
@@ -289,8 +316,13 @@ async fn conclude(
                             error,
                             attempt: job.attempt,
                         };
-                        let _ = lj.bus().publish(job.id, payload).await;
-                        persist(shared, || queue.ack(&lease)).await?;
+                        announce(
+                            shared,
+                            job.id,
+                            payload,
+                            persist(shared, || queue.ack(&lease)),
+                        )
+                        .await?;
                     }
                 }
             }
@@ -319,11 +351,14 @@ async fn release(shared: &Shared, lease: Lease, ctx: &JobContext) -> Result<(), 
     .await?;
     if let Some(job) = released {
         tracing::info!("released for another worker");
-        let _ = lj
-            .bus()
-            .publish(job.id, EventPayload::status_of(&job))
-            .await;
-        persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
+        let payload = EventPayload::status_of(&job);
+        announce(
+            shared,
+            job.id,
+            payload,
+            persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)),
+        )
+        .await?;
     }
     Ok(())
 }
