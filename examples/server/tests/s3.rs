@@ -315,6 +315,23 @@ async fn health_is_unhealthy_with_a_wrong_secret() {
     );
 }
 
+/// Polls until `done` holds, at most 30 s.
+async fn eventually<F, Fut>(what: &str, s: &Server, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 30 s\n{}",
+            s.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[tokio::test]
 async fn results_past_the_retention_are_deleted_from_the_bucket() {
     let s3 = S3Env::new();
@@ -328,37 +345,43 @@ async fn results_past_the_retention_are_deleted_from_the_bucket() {
         .await
         .unwrap();
 
+    // 1. The purge alone (no sweep): the expired job goes, and its result object with it.
     let mut vars = s3.server_vars();
     vars.extend([
-        ("RETENTION_SECS", "3".to_owned()),
+        ("RETENTION_SECS", "2".to_owned()),
         ("PURGE_INTERVAL_SECS", "1".to_owned()),
-        ("S3_SWEEP_INTERVAL_SECS", "1".to_owned()),
+        ("S3_SWEEP_INTERVAL_SECS", "0".to_owned()),
     ]);
     let s = start(&vars, true).await;
     let id = s.initiate(&[70_001], None).await;
     let done = s.wait_finished(&id, None).await;
     assert_eq!(done["status"], "completed", "{done}");
     let result_key = format!("results/{id}.zip");
+    assert!(store.head(&result_key).await.unwrap().is_some());
+    eventually("the purge deletes the job and its result", &s, || async {
+        s.get(&format!("/v1/download/job/{id}")).await.status() == 404
+            && store.head(&result_key).await.unwrap().is_none()
+    })
+    .await;
+    assert!(
+        store.head(stray).await.unwrap().is_some(),
+        "no sweep in this run"
+    );
+    drop(s);
 
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let result = store.head(&result_key).await.unwrap();
-        let stray_left = store.head(stray).await.unwrap();
-        if result.is_none() && stray_left.is_none() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "still there after 30 s: result {:?}, stray {:?}\n{}",
-            result.is_some(),
-            stray_left.is_some(),
-            s.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    // The job is gone with its result; the source file stays.
-    let res = s.get(&format!("/v1/download/job/{id}")).await;
-    assert_eq!(res.status(), 404);
+    // 2. The sweep alone (no purge): objects under results/ older than the retention go.
+    let mut vars = s3.server_vars();
+    vars.extend([
+        ("RETENTION_SECS", "2".to_owned()),
+        ("PURGE_INTERVAL_SECS", "0".to_owned()),
+        ("S3_SWEEP_INTERVAL_SECS", "1".to_owned()),
+    ]);
+    let s = start(&vars, true).await;
+    eventually("the sweep deletes the stray result", &s, || async {
+        store.head(stray).await.unwrap().is_none()
+    })
+    .await;
+    // The source files are not the sweep's.
     assert!(store.head("downloads/70001.zip").await.unwrap().is_some());
 }
 
