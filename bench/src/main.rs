@@ -17,6 +17,7 @@ mod pg_stats;
 mod redis_stats;
 
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use longjob_core::{JobResult, LongJob, LongJobConfig, SubmitRequest, WorkerConfig};
@@ -49,7 +50,7 @@ fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
          \x20                              [--peers] [--redis-url URL] [--database-url URL] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
-         backends available in this build: memory"
+         backends available in this build: memory, redis"
     );
     ExitCode::from(2)
 }
@@ -102,17 +103,54 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
 
 /// The facade under test: one match arm per backend (async, for backends that connect first;
 /// `args` carries `redis_url` and `database_url`).
-async fn facade(args: &Args) -> Result<LongJob, String> {
+/// The backends of a run, and what to clean up after it.
+enum Namespace {
+    None,
+    Redis(longjob_redis::Redis),
+}
+
+impl Namespace {
+    async fn clean(&self) {
+        if let Namespace::Redis(redis) = self {
+            if let Err(e) = redis.delete_namespace().await {
+                eprintln!("warning: could not delete the bench keys: {e}");
+            }
+        }
+    }
+}
+
+async fn facade(args: &Args) -> Result<(LongJob, Namespace), String> {
     let mut config = LongJobConfig::default();
     config.jobs_per_hour = None;
+    let builder = LongJob::builder().config(config);
     match args.backend.as_str() {
-        "memory" => Ok(LongJob::builder().config(config).build()),
+        "memory" => Ok((builder.build(), Namespace::None)),
+        "redis" => {
+            let prefix = format!("lj-bench-{}", longjob_core::JobId::new());
+            let redis = longjob_redis::Redis::connect(
+                longjob_redis::RedisConfig::new(&args.redis_url).prefix(prefix),
+            )
+            .await
+            .map_err(|e| format!("redis at {}: {e}", args.redis_url))?;
+            let lj = builder
+                .store(Arc::new(redis.store()))
+                .queue(Arc::new(redis.queue()))
+                .bus(Arc::new(redis.bus()))
+                .build();
+            Ok((lj, Namespace::Redis(redis)))
+        }
         other => Err(format!("backend {other:?} is not available in this build")),
     }
 }
 
 async fn throughput(args: &Args) -> Result<serde_json::Value, String> {
-    let lj = facade(args).await?;
+    let (lj, namespace) = facade(args).await?;
+    let result = run(args, &lj).await;
+    namespace.clean().await;
+    result
+}
+
+async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
     let requests: Vec<SubmitRequest> = (0..args.jobs)
         .map(|i| SubmitRequest::new("noop", OWNER, serde_json::json!(i)).max_attempts(1))
         .collect();

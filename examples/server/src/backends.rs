@@ -13,6 +13,7 @@ use longjob_core::local_disk::LocalDiskBlobStore;
 use longjob_core::memory::{MemoryJobStore, MemoryProgressBus, MemoryQueue};
 use longjob_core::signing::UrlSigner;
 use longjob_core::{BlobStore, JobStore, ProgressBus, Queue};
+use longjob_redis::{Redis, RedisConfig};
 use longjob_s3::S3BlobStore;
 
 use crate::config::{Config, set};
@@ -62,28 +63,67 @@ pub enum BackendConfigError {
     /// The local blob directory cannot be used.
     #[error("BLOB_DIR: {0}")]
     BlobDir(longjob_core::BackendError),
+    /// Redis cannot be reached.
+    #[error("REDIS_URL {0}: {1}")]
+    Redis(String, longjob_core::BackendError),
 }
 
 /// Builds the backends `config` names.
 pub async fn build(config: &Config, prefix: &str) -> Result<Backends, BackendConfigError> {
-    // Extension point: Redis (queue, bus, and store unless DATABASE_URL names PostgreSQL).
-    if set(&config.redis_url).is_some() {
-        return Err(BackendConfigError::NotBuiltIn {
-            var: "REDIS_URL",
-            backend: "Redis",
-        });
+    // S3: results in the bucket, and the source of files instead of the mock rule.
+    let mut backends = if set(&config.s3_bucket_name).is_some() {
+        build_s3(config).await?
+    } else {
+        build_local(config, prefix).await?
+    };
+    // Store, queue and bus: Redis and/or PostgreSQL when configured, else in memory.
+    if let Some((store, queue, bus, description)) = build_jobs(config).await? {
+        backends.store = store;
+        backends.queue = queue;
+        backends.bus = bus;
+        backends.description =
+            backends
+                .description
+                .replacen("store=memory queue=memory bus=memory", &description, 1);
     }
-    // Extension point: PostgreSQL (store; queue and bus too when Redis is not set).
+    Ok(backends)
+}
+
+type JobBackends = (
+    Arc<dyn JobStore>,
+    Arc<dyn Queue>,
+    Arc<dyn ProgressBus>,
+    String,
+);
+
+/// `REDIS_URL`: queue and bus on Redis, and the store too unless `DATABASE_URL` names PostgreSQL.
+async fn build_jobs(config: &Config) -> Result<Option<JobBackends>, BackendConfigError> {
     if set(&config.database_url).is_some() {
         return Err(BackendConfigError::NotBuiltIn {
             var: "DATABASE_URL",
             backend: "PostgreSQL",
         });
     }
-    // S3: results in the bucket, and the source of files instead of the mock rule.
-    if set(&config.s3_bucket_name).is_some() {
-        return build_s3(config).await;
-    }
+    let Some(url) = set(&config.redis_url) else {
+        return Ok(None);
+    };
+    let redis = Redis::connect(RedisConfig::new(url).prefix(config.redis_prefix.clone()))
+        .await
+        .map_err(|e| BackendConfigError::Redis(url.to_owned(), e))?;
+    let description = format!(
+        "store=redis queue=redis bus=redis (prefix {{{}}})",
+        redis.config().prefix
+    );
+    Ok(Some((
+        Arc::new(redis.store()),
+        Arc::new(redis.queue()),
+        Arc::new(redis.bus()),
+        description,
+    )))
+}
+
+/// Blobs on local disk, served by the signed file route; files by the mock rule.
+async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendConfigError> {
     let base = format!("{}{prefix}/files", config.public_url());
     let signer = match set(&config.signing_secret) {
         Some(secret) => UrlSigner::new(secret.as_bytes(), base),

@@ -80,6 +80,10 @@ pub struct Config {
     /// Redis for queue, bus and store.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+    /// With Redis: the key prefix (also the Cluster hash tag), so several deployments can share
+    /// one Redis.
+    #[arg(long, env = "REDIS_PREFIX", default_value = "longjob")]
+    pub redis_prefix: String,
     /// PostgreSQL for the job store.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,

@@ -1,0 +1,58 @@
+//! The reference server on `REDIS_URL` alone: store, queue and bus in Redis.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::Server;
+use longjob_core::{JobId, JobState, JobStore};
+use longjob_redis::{Redis, RedisConfig};
+
+fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
+    let url = redis_url();
+    let prefix = format!("lj-server-test-{}", JobId::new());
+    let redis = Redis::connect(RedisConfig::new(&url).prefix(prefix.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("no Redis at {url} ({e}): run `bash scripts/services/redis.sh`")
+        });
+    let server = Server::start(&[
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("DOWNLOAD_DELAY_ENABLED", "false"),
+    ])
+    .await;
+    assert!(
+        server.log().contains("store=redis queue=redis bus=redis"),
+        "{}",
+        server.log()
+    );
+    let id = server.initiate(&[70000, 70007, 10001], None).await;
+    let done = server.wait_finished(&id, None).await;
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // The job lives in Redis, under the server's prefix.
+    let stored = redis
+        .store()
+        .get(id.parse().unwrap())
+        .await
+        .unwrap()
+        .expect("the job in Redis");
+    assert_eq!(stored.state, JobState::Completed);
+    assert_eq!(stored.items.len(), 3);
+    let url = server
+        .get(&format!("/v1/download/job/{id}/download-url"))
+        .await;
+    assert_eq!(url.status(), 200);
+    let health: serde_json::Value = server.get("/health").await.json().await.unwrap();
+    assert_eq!(health["checks"]["queue"], "ok");
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.delete_namespace().await.unwrap();
+}
