@@ -13,10 +13,15 @@ use sqlx::types::Json;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::db::Db;
 use crate::error::BACKEND;
 use crate::hub::{CancelNotice, Hub, Live};
 
+/// Most events published in one statement.
+const MAX_BATCH: usize = 256;
+/// Publishing statements running at once.
+const IN_FLIGHT: usize = 3;
 /// Events read from the table per query.
 const PAGE: i64 = 1000;
 /// Cancel requests looked at again on a resync, below the highest one seen (commits may land
@@ -43,6 +48,7 @@ pub struct PgProgressBus {
     db: Arc<Db>,
     hub: Option<Arc<Hub>>,
     sql: Arc<Sql>,
+    publishes: Arc<Batcher<(JobId, EventPayload), JobEvent>>,
 }
 
 #[derive(Debug)]
@@ -62,9 +68,10 @@ impl Sql {
         let (notify_event, notify_cancel) = if db.notifications {
             (
                 format!(
-                    ", length(pg_notify('{}', $1::text || ':' || seq::text || ':' || \
-                       CASE WHEN octet_length($2::text) < 7000 \
-                         THEN (jsonb_build_object('seq', seq, 'jobId', $1, 'at', at) || $2)::text \
+                    ", length(pg_notify('{}', n.job_id::text || ':' || n.seq::text || ':' || \
+                       CASE WHEN octet_length(n.payload::text) < 7000 \
+                         THEN (jsonb_build_object('seq', n.seq, 'jobId', n.job_id, 'at', n.at) \
+                           || n.payload)::text \
                          ELSE '' END)::text)",
                     db.events_channel()
                 ),
@@ -77,14 +84,25 @@ impl Sql {
             (String::new(), String::new())
         };
         Self {
+            // Many events (of one job or several) in one statement: each job's counter row
+            // moves by its number of events (rows locked in job order, so concurrent batches
+            // never deadlock), the events get consecutive seqs in call order, are stored, and
+            // are notified in seq order.
             publish: db.sql(&format!(
-                "WITH head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
-                   VALUES ($1, 1) \
-                   ON CONFLICT (job_id) DO UPDATE SET last_seq = h.last_seq + 1 \
-                   RETURNING last_seq), \
-                 ev AS (INSERT INTO {{s}}.job_events (job_id, seq, at, payload) \
-                   SELECT $1, last_seq, now(), $2 FROM head RETURNING seq, at) \
-                 SELECT seq, at{notify_event} FROM ev"
+                "WITH b AS (SELECT * FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY \
+                   AS b(job_id, payload, ord)), \
+                 counts AS (SELECT job_id, count(*) AS n FROM b GROUP BY job_id), \
+                 head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
+                   SELECT job_id, n FROM counts ORDER BY job_id \
+                   ON CONFLICT (job_id) DO UPDATE SET last_seq = h.last_seq + excluded.last_seq \
+                   RETURNING job_id, last_seq), \
+                 numbered AS (SELECT b.ord, b.job_id, b.payload, now() AS at, \
+                   head.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY b.ord) AS seq \
+                   FROM b JOIN head USING (job_id) WINDOW w AS (PARTITION BY b.job_id)), \
+                 ins AS (INSERT INTO {{s}}.job_events (job_id, seq, at, payload) \
+                   SELECT job_id, seq, at, payload FROM numbered) \
+                 SELECT n.ord, n.seq, n.at{notify_event} \
+                 FROM (SELECT * FROM numbered ORDER BY job_id, seq) n"
             )),
             replay: db.sql(
                 "SELECT seq, at, payload FROM {s}.job_events \
@@ -114,7 +132,16 @@ impl Sql {
 impl PgProgressBus {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        Self { db, hub, sql }
+        let publishes = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |events| publish_many(Arc::clone(&db), Arc::clone(&sql), events)
+        }));
+        Self {
+            db,
+            hub,
+            sql,
+            publishes,
+        }
     }
 
     /// Deletes up to `limit` retained events published before `before` (and every cancel
@@ -312,21 +339,7 @@ impl CancelSubscription {
 #[async_trait]
 impl ProgressBus for PgProgressBus {
     async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
-        let (seq, at): (i64, DateTime<Utc>) = self
-            .db
-            .run(
-                sqlx::query_as(&self.sql.publish)
-                    .bind(job.as_uuid())
-                    .bind(Json(&payload))
-                    .fetch_one(&self.db.pool),
-            )
-            .await?;
-        Ok(JobEvent {
-            seq: u64::try_from(seq).map_err(|_| BackendError::corrupt(BACKEND, "negative seq"))?,
-            job_id: job,
-            at,
-            payload,
-        })
+        self.publishes.call((job, payload)).await
     }
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
@@ -398,4 +411,44 @@ impl ProgressBus for PgProgressBus {
             .await
             .map(|_| ())
     }
+}
+
+/// Publishes a batch of events in one statement.
+async fn publish_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    events: Vec<(JobId, EventPayload)>,
+) -> BackendResult<Vec<BackendResult<JobEvent>>> {
+    let jobs: Vec<Uuid> = events.iter().map(|(job, _)| *job.as_uuid()).collect();
+    let payloads: Vec<Json<&EventPayload>> = events.iter().map(|(_, p)| Json(p)).collect();
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = db
+        .run(
+            sqlx::query_as(&sql.publish)
+                .bind(jobs)
+                .bind(payloads)
+                .fetch_all(&db.pool),
+        )
+        .await?;
+    let mut stamped: Vec<Option<(u64, DateTime<Utc>)>> = vec![None; events.len()];
+    for (ord, seq, at) in rows {
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| stamped.get_mut(i));
+        if let (Some(slot), Ok(seq)) = (slot, u64::try_from(seq)) {
+            *slot = Some((seq, at));
+        }
+    }
+    Ok(events
+        .into_iter()
+        .zip(stamped)
+        .map(|((job_id, payload), stamp)| match stamp {
+            Some((seq, at)) => Ok(JobEvent {
+                seq,
+                job_id,
+                at,
+                payload,
+            }),
+            None => Err(BackendError::corrupt(BACKEND, "an event was not stored")),
+        })
+        .collect())
 }

@@ -31,6 +31,7 @@
 //! ```
 #![deny(missing_docs)]
 
+mod batch;
 mod bus;
 mod config;
 mod db;

@@ -11,6 +11,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::db::{Db, secs};
 use crate::error::BACKEND;
 use crate::hub::Hub;
@@ -34,7 +35,14 @@ pub struct PgQueue {
     /// Wakes claimers of this process on its own pushes, notifications or not.
     local: Arc<Notify>,
     sql: Arc<Sql>,
+    acks: Arc<Batcher<Lease, bool>>,
+    pushes: Arc<Batcher<(Vec<JobId>, Duration), ()>>,
 }
+
+/// Most operations gathered in one statement.
+const MAX_BATCH: usize = 256;
+/// Batches of one kind running at once.
+const IN_FLIGHT: usize = 3;
 
 #[derive(Debug)]
 struct Sql {
@@ -55,10 +63,12 @@ impl Sql {
             String::new()
         };
         Self {
+            // Ids are distinct and sorted (locks taken in id order: concurrent batches never
+            // deadlock).
             push: db.sql(&format!(
                 "WITH ins AS (INSERT INTO {{s}}.queue AS q (job_id, available_at, leased) \
-                   SELECT DISTINCT id, now() + make_interval(secs => $2), false \
-                   FROM unnest($1::uuid[]) AS id \
+                   SELECT id, now() + make_interval(secs => d), false \
+                   FROM unnest($1::uuid[], $2::float8[]) AS t(id, d) ORDER BY id \
                    ON CONFLICT (job_id) DO UPDATE \
                      SET available_at = excluded.available_at, leased = false \
                    RETURNING 1) \
@@ -78,15 +88,23 @@ impl Sql {
             next_due: db
                 .sql("SELECT extract(epoch FROM min(available_at) - now())::float8 FROM {s}.queue"),
             extend: db.sql(
-                "UPDATE {s}.queue q SET available_at = now() + make_interval(secs => $3) \
-                 FROM unnest($1::uuid[], $2::int8[]) AS l(job_id, token) \
-                 WHERE q.job_id = l.job_id AND q.token = l.token AND q.leased \
-                   AND q.available_at > now() \
+                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::int8[]) AS l(job_id, token)), \
+                 locked AS (SELECT job_id FROM {s}.queue WHERE job_id IN (SELECT job_id FROM l) \
+                   ORDER BY job_id FOR UPDATE) \
+                 UPDATE {s}.queue q SET available_at = now() + make_interval(secs => $3) \
+                 FROM l, locked \
+                 WHERE q.job_id = l.job_id AND locked.job_id = l.job_id AND q.token = l.token \
+                   AND q.leased AND q.available_at > now() \
                  RETURNING q.job_id, q.token",
             ),
             ack: db.sql(
-                "DELETE FROM {s}.queue WHERE job_id = $1 AND token = $2 AND leased \
-                 AND available_at > now()",
+                "WITH l AS (SELECT * FROM unnest($1::uuid[], $2::int8[]) AS l(job_id, token)), \
+                 locked AS (SELECT job_id FROM {s}.queue WHERE job_id IN (SELECT job_id FROM l) \
+                   ORDER BY job_id FOR UPDATE) \
+                 DELETE FROM {s}.queue q USING l, locked \
+                 WHERE q.job_id = l.job_id AND locked.job_id = l.job_id AND q.token = l.token \
+                   AND q.leased AND q.available_at > now() \
+                 RETURNING q.job_id, q.token",
             ),
             requeue: db.sql(&format!(
                 "WITH u AS (UPDATE {{s}}.queue SET leased = false, \
@@ -113,11 +131,21 @@ fn token_of(lease: &Lease) -> BackendResult<i64> {
 impl PgQueue {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
+        let acks = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |leases| ack_many(Arc::clone(&db), Arc::clone(&sql), leases)
+        }));
+        let pushes = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |pushes| push_many(Arc::clone(&db), Arc::clone(&sql), pushes)
+        }));
         Self {
             db,
             hub,
             local: Arc::new(Notify::new()),
             sql,
+            acks,
+            pushes,
         }
     }
 
@@ -136,13 +164,13 @@ impl PgQueue {
         if jobs.is_empty() {
             return Ok(());
         }
-        let ids: Vec<Uuid> = jobs.iter().map(|j| *j.as_uuid()).collect();
+        let (ids, delays) = push_arrays(std::iter::once((jobs, delay)));
         let mut conn = self.db.run(conn.acquire()).await?;
         self.db
             .run(
                 sqlx::query(&self.sql.push)
                     .bind(ids)
-                    .bind(secs(delay))
+                    .bind(delays)
                     .execute(&mut *conn),
             )
             .await?;
@@ -184,11 +212,18 @@ impl PgQueue {
 #[async_trait]
 impl Queue for PgQueue {
     async fn push(&self, job: JobId, delay: Duration) -> BackendResult<()> {
-        self.push_with(&self.db.pool, &[job], delay).await
+        self.pushes.call((vec![job], delay)).await?;
+        self.local.notify_waiters();
+        Ok(())
     }
 
     async fn push_many(&self, jobs: &[JobId], delay: Duration) -> BackendResult<()> {
-        self.push_with(&self.db.pool, jobs, delay).await
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        self.pushes.call((jobs.to_vec(), delay)).await?;
+        self.local.notify_waiters();
+        Ok(())
     }
 
     async fn claim(
@@ -259,16 +294,7 @@ impl Queue for PgQueue {
     }
 
     async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
-        let done = self
-            .db
-            .run(
-                sqlx::query(&self.sql.ack)
-                    .bind(lease.job_id.as_uuid())
-                    .bind(token_of(lease)?)
-                    .execute(&self.db.pool),
-            )
-            .await?;
-        Ok(done.rows_affected() == 1)
+        self.acks.call(*lease).await
     }
 
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
@@ -307,4 +333,58 @@ impl Queue for PgQueue {
             .await
             .map(|_| ())
     }
+}
+
+/// Distinct ids sorted, each with its delay in seconds (the last push of an id wins).
+fn push_arrays<'a>(pushes: impl Iterator<Item = (&'a [JobId], Duration)>) -> (Vec<Uuid>, Vec<f64>) {
+    let mut due = std::collections::BTreeMap::new();
+    for (jobs, delay) in pushes {
+        for job in jobs {
+            due.insert(*job.as_uuid(), secs(delay));
+        }
+    }
+    due.into_iter().unzip()
+}
+
+async fn push_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    pushes: Vec<(Vec<JobId>, Duration)>,
+) -> BackendResult<Vec<BackendResult<()>>> {
+    let (ids, delays) = push_arrays(pushes.iter().map(|(jobs, d)| (jobs.as_slice(), *d)));
+    db.run(
+        sqlx::query(&sql.push)
+            .bind(ids)
+            .bind(delays)
+            .execute(&db.pool),
+    )
+    .await?;
+    Ok(pushes.iter().map(|_| Ok(())).collect())
+}
+
+async fn ack_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    leases: Vec<Lease>,
+) -> BackendResult<Vec<BackendResult<bool>>> {
+    let mut ids = Vec::with_capacity(leases.len());
+    let mut tokens = Vec::with_capacity(leases.len());
+    for lease in &leases {
+        ids.push(*lease.job_id.as_uuid());
+        tokens.push(token_of(lease)?);
+    }
+    let acked: Vec<(Uuid, i64)> = db
+        .run(
+            sqlx::query_as(&sql.ack)
+                .bind(ids)
+                .bind(tokens)
+                .fetch_all(&db.pool),
+        )
+        .await?;
+    // A lease acked twice in one batch is acked once.
+    let mut acked: std::collections::HashSet<(Uuid, i64)> = acked.into_iter().collect();
+    Ok(leases
+        .iter()
+        .map(|l| Ok(acked.remove(&(*l.job_id.as_uuid(), token_of(l)?))))
+        .collect())
 }

@@ -16,6 +16,7 @@ use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection, Postgres};
 use uuid::Uuid;
 
+use crate::batch::Batcher;
 use crate::db::{Db, secs};
 use crate::error::{BACKEND, duplicate_job_id};
 
@@ -33,6 +34,8 @@ const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 pub struct PgJobStore {
     db: Arc<Db>,
     sql: Arc<Sql>,
+    updates: Arc<Batcher<Job, Option<i64>>>,
+    gets: Arc<Batcher<JobId, Option<Job>>>,
 }
 
 #[derive(Debug)]
@@ -40,8 +43,8 @@ struct Sql {
     insert: String,
     insert_keyed: String,
     insert_many: String,
-    get: String,
-    update: String,
+    get_many: String,
+    update_many: String,
     version_of: String,
     list: String,
     find_key: String,
@@ -68,6 +71,43 @@ const INSERT_ITEMS: &str = "INSERT INTO {s}.file_records (job_id, ord, item_id, 
     SELECT j.id, t.ord::int, t.item_id, t.status, t.size, t.error \
     FROM j, unnest($18::text[], $19::text[], $20::int8[], $21::text[]) \
         WITH ORDINALITY AS t(item_id, status, size, error, ord)";
+
+/// Many compare-and-set updates in one statement. The rows are locked in id order first (so
+/// concurrent batches never deadlock); each op's CAS is checked on the latest row version.
+/// Answers `(op, new version)` for the ops that were written.
+const UPDATE_MANY: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], \
+       $4::text[], $5::text[], $6::text[], $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], \
+       $11::jsonb[], $12::jsonb[], $13::text[], $14::timestamptz[], $15::timestamptz[], \
+       $16::timestamptz[], $17::timestamptz[], $18::int4[], $19::int4[]) \
+     AS v(id, version, token, kind, owner, state, attempt, max_attempts, payload, progress, \
+       error, result, idempotency_key, updated_at, started_at, finished_at, run_at, n_items, op)), \
+   locked AS (SELECT j.id FROM {s}.download_jobs j WHERE j.id IN (SELECT id FROM v) \
+     ORDER BY j.id FOR UPDATE), \
+   u AS (UPDATE {s}.download_jobs j SET kind = v.kind, owner = v.owner, state = v.state, \
+       version = j.version + 1, lease_token = v.token, attempt = v.attempt, \
+       max_attempts = v.max_attempts, payload = v.payload, progress = v.progress, \
+       error = v.error, result = v.result, idempotency_key = v.idempotency_key, \
+       updated_at = v.updated_at, started_at = v.started_at, finished_at = v.finished_at, \
+       run_at = v.run_at \
+     FROM v, locked \
+     WHERE j.id = v.id AND locked.id = v.id AND j.version = v.version AND j.lease_token <= v.token \
+     RETURNING v.op, j.id, j.version, v.n_items), \
+   f AS (INSERT INTO {s}.file_records AS r (job_id, ord, item_id, status, size, error) \
+     SELECT u.id, t.ord, t.item_id, t.status, t.size, t.error \
+     FROM unnest($20::int4[], $21::int4[], $22::text[], $23::text[], $24::int8[], $25::text[]) \
+       AS t(op, ord, item_id, status, size, error) \
+     JOIN u ON u.op = t.op ORDER BY u.id, t.ord \
+     ON CONFLICT (job_id, ord) DO UPDATE SET item_id = excluded.item_id, \
+       status = excluded.status, size = excluded.size, error = excluded.error \
+     WHERE (r.item_id, r.status, r.size, r.error) IS DISTINCT FROM \
+       (excluded.item_id, excluded.status, excluded.size, excluded.error)), \
+   d AS (DELETE FROM {s}.file_records r USING u WHERE r.job_id = u.id AND r.ord > u.n_items) \
+ SELECT op, version FROM u";
+
+/// Most operations gathered in one statement.
+const MAX_BATCH: usize = 256;
+/// Batches of one kind running at once.
+const IN_FLIGHT: usize = 3;
 
 impl Sql {
     fn new(db: &Db) -> Self {
@@ -108,27 +148,11 @@ impl Sql {
                    $22::text[]) AS t(job_id, ord, item_id, status, size, error) \
                  WHERE (SELECT count(*) FROM j) > 0"
             )),
-            get: format!("SELECT {columns} FROM {}.download_jobs j WHERE j.id = $1", db.schema),
-            update: db.sql(
-                "WITH u AS (UPDATE {s}.download_jobs SET kind = $4, owner = $5, state = $6, \
-                   version = version + 1, lease_token = $3, attempt = $7, max_attempts = $8, \
-                   payload = $9, progress = $10, error = $11, result = $12, \
-                   idempotency_key = $13, updated_at = $14, started_at = $15, finished_at = $16, \
-                   run_at = $17 \
-                 WHERE id = $1 AND version = $2 AND lease_token <= $3 \
-                 RETURNING id, version), \
-                 f AS (INSERT INTO {s}.file_records AS r (job_id, ord, item_id, status, size, error) \
-                   SELECT u.id, t.ord::int, t.item_id, t.status, t.size, t.error \
-                   FROM u, unnest($18::text[], $19::text[], $20::int8[], $21::text[]) \
-                     WITH ORDINALITY AS t(item_id, status, size, error, ord) \
-                   ON CONFLICT (job_id, ord) DO UPDATE SET item_id = excluded.item_id, \
-                     status = excluded.status, size = excluded.size, error = excluded.error \
-                   WHERE (r.item_id, r.status, r.size, r.error) IS DISTINCT FROM \
-                     (excluded.item_id, excluded.status, excluded.size, excluded.error)), \
-                 d AS (DELETE FROM {s}.file_records r USING u \
-                   WHERE r.job_id = u.id AND r.ord > cardinality($18::text[])) \
-                 SELECT version FROM u",
+            get_many: format!(
+                "SELECT {columns} FROM {}.download_jobs j WHERE j.id = ANY($1)",
+                db.schema
             ),
+            update_many: db.sql(UPDATE_MANY),
             version_of: db
                 .sql("SELECT version, lease_token FROM {s}.download_jobs WHERE id = $1"),
             list: format!(
@@ -286,7 +310,20 @@ impl JobRow {
 impl PgJobStore {
     pub(crate) fn new(db: Arc<Db>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        Self { db, sql }
+        let updates = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |jobs| update_many(Arc::clone(&db), Arc::clone(&sql), jobs)
+        }));
+        let gets = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |ids| get_many(Arc::clone(&db), Arc::clone(&sql), ids)
+        }));
+        Self {
+            db,
+            sql,
+            updates,
+            gets,
+        }
     }
 
     /// Binds the 21 (22 with a key) parameters of an insert.
@@ -393,37 +430,6 @@ impl PgJobStore {
             "idempotency key neither free nor held by a job",
         ))
     }
-
-    fn update_query<'q>(
-        &'q self,
-        job: &'q Job,
-        scalars: &Scalars,
-        version: i64,
-        items: Items,
-    ) -> Query<'q, Postgres, PgArguments> {
-        sqlx::query(&self.sql.update)
-            .bind(job.id.as_uuid())
-            .bind(version)
-            .bind(scalars.lease_token)
-            .bind(&job.kind)
-            .bind(&job.owner)
-            .bind(job.state.as_str())
-            .bind(scalars.attempt)
-            .bind(scalars.max_attempts)
-            .bind(Json(&job.payload))
-            .bind(Json(job.progress))
-            .bind(job.error.as_ref().map(Json))
-            .bind(job.result.as_ref().map(Json))
-            .bind(job.idempotency_key.as_deref())
-            .bind(job.updated_at)
-            .bind(job.started_at)
-            .bind(job.finished_at)
-            .bind(job.run_at)
-            .bind(items.ids)
-            .bind(items.statuses)
-            .bind(items.sizes)
-            .bind(items.errors)
-    }
 }
 
 #[async_trait]
@@ -516,24 +522,13 @@ impl JobStore for PgJobStore {
     }
 
     async fn get(&self, id: JobId) -> BackendResult<Option<Job>> {
-        let row = self
-            .db
-            .run(
-                sqlx::query_as::<_, JobRow>(&self.sql.get)
-                    .bind(id.as_uuid())
-                    .fetch_optional(&self.db.pool),
-            )
-            .await?;
-        row.map(JobRow::into_job).transpose()
+        self.gets.call(id).await
     }
 
     async fn update(&self, job: &Job) -> BackendResult<Job> {
         let scalars = Scalars::of(job)?;
         let version = to_i64(job.version, "version")?;
-        let q = self.update_query(job, &scalars, version, Items::of(job)?);
-        let updated = self.db.run(q.fetch_optional(&self.db.pool)).await?;
-        if let Some(row) = updated {
-            let new_version: i64 = sqlx::Row::try_get(&row, 0).map_err(|e| self.db.err(e))?;
+        if let Some(new_version) = self.updates.call(job.clone()).await? {
             let mut stored = job.clone();
             stored.version = to_u64(new_version, "version")?;
             return Ok(stored);
@@ -636,4 +631,145 @@ impl JobStore for PgJobStore {
             .await
             .map(|_| ())
     }
+}
+
+async fn get_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    ids: Vec<JobId>,
+) -> BackendResult<Vec<BackendResult<Option<Job>>>> {
+    let uuids: Vec<Uuid> = ids.iter().map(|id| *id.as_uuid()).collect();
+    let rows = db
+        .run(
+            sqlx::query_as::<_, JobRow>(&sql.get_many)
+                .bind(uuids)
+                .fetch_all(&db.pool),
+        )
+        .await?;
+    let mut found = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        found.insert(JobId::from_uuid(row.id), row.into_job());
+    }
+    Ok(ids
+        .iter()
+        .map(|id| match found.get(id) {
+            None => Ok(None),
+            Some(Ok(job)) => Ok(Some(job.clone())),
+            Some(Err(e)) => Err(crate::batch::copy(e)),
+        })
+        .collect())
+}
+
+/// Writes a batch of updates in one statement; `Some(new version)` for each op written,
+/// `None` for each whose compare-and-set failed.
+async fn update_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    jobs: Vec<Job>,
+) -> BackendResult<Vec<BackendResult<Option<i64>>>> {
+    let n = jobs.len();
+    let mut results: Vec<BackendResult<Option<i64>>> = (0..n).map(|_| Ok(None)).collect();
+    let mut ids = Vec::with_capacity(n);
+    let mut versions = Vec::with_capacity(n);
+    let mut tokens = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut owners = Vec::with_capacity(n);
+    let mut states = Vec::with_capacity(n);
+    let mut attempts = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut progresses = Vec::with_capacity(n);
+    let mut errors = Vec::with_capacity(n);
+    let mut job_results = Vec::with_capacity(n);
+    let mut keys = Vec::with_capacity(n);
+    let mut updated = Vec::with_capacity(n);
+    let mut started = Vec::with_capacity(n);
+    let mut finished = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut n_items = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n);
+    let (mut item_ops, mut item_ords, mut item_ids, mut item_statuses) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut item_sizes, mut item_errors) = (Vec::new(), Vec::new());
+    for (op, job) in jobs.iter().enumerate() {
+        let checked = Scalars::of(job).and_then(|s| {
+            let items = Items::of(job)?;
+            Ok((s, to_i64(job.version, "version")?, items))
+        });
+        let (scalars, version, items) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                results[op] = Err(e);
+                continue;
+            }
+        };
+        let op = i32::try_from(op).unwrap_or(i32::MAX);
+        ids.push(*job.id.as_uuid());
+        versions.push(version);
+        tokens.push(scalars.lease_token);
+        kinds.push(job.kind.as_str());
+        owners.push(job.owner.as_str());
+        states.push(job.state.as_str());
+        attempts.push(scalars.attempt);
+        max_attempts.push(scalars.max_attempts);
+        payloads.push(Json(&job.payload));
+        progresses.push(Json(job.progress));
+        errors.push(job.error.as_ref().map(Json));
+        job_results.push(job.result.as_ref().map(Json));
+        keys.push(job.idempotency_key.as_deref());
+        updated.push(job.updated_at);
+        started.push(job.started_at);
+        finished.push(job.finished_at);
+        run_at.push(job.run_at);
+        n_items.push(i32::try_from(items.ids.len()).unwrap_or(i32::MAX));
+        ops.push(op);
+        for (i, id) in items.ids.into_iter().enumerate() {
+            item_ops.push(op);
+            item_ords.push(i32::try_from(i + 1).unwrap_or(i32::MAX));
+            item_ids.push(id);
+            item_statuses.push(items.statuses[i]);
+            item_sizes.push(items.sizes[i]);
+            item_errors.push(items.errors[i].clone());
+        }
+    }
+    if ids.is_empty() {
+        return Ok(results);
+    }
+    let written: Vec<(i32, i64)> = db
+        .run(
+            sqlx::query_as(&sql.update_many)
+                .bind(ids)
+                .bind(versions)
+                .bind(tokens)
+                .bind(kinds)
+                .bind(owners)
+                .bind(states)
+                .bind(attempts)
+                .bind(max_attempts)
+                .bind(payloads)
+                .bind(progresses)
+                .bind(errors)
+                .bind(job_results)
+                .bind(keys)
+                .bind(updated)
+                .bind(started)
+                .bind(finished)
+                .bind(run_at)
+                .bind(n_items)
+                .bind(ops)
+                .bind(item_ops)
+                .bind(item_ords)
+                .bind(item_ids)
+                .bind(item_statuses)
+                .bind(item_sizes)
+                .bind(item_errors)
+                .fetch_all(&db.pool),
+        )
+        .await?;
+    for (op, version) in written {
+        if let Some(slot) = usize::try_from(op).ok().and_then(|op| results.get_mut(op)) {
+            *slot = Ok(Some(version));
+        }
+    }
+    Ok(results)
 }
