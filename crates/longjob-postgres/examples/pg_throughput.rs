@@ -26,6 +26,7 @@ async fn main() {
     let mut concurrency = 50usize;
     let mut progress = 0u64;
     let mut notify = true;
+    let mut in_flight = 1usize;
     let mut url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| longjob_postgres::DEFAULT_DATABASE_URL.to_owned());
     let mut argv = std::env::args().skip(1);
@@ -36,6 +37,7 @@ async fn main() {
             "--concurrency" => concurrency = value.parse().unwrap(),
             "--progress" => progress = value.parse().unwrap(),
             "--notify" => notify = value == "on",
+            "--in-flight" => in_flight = value.parse().unwrap(),
             "--database-url" => url = value,
             other => panic!("unknown flag {other}"),
         }
@@ -45,6 +47,7 @@ async fn main() {
         PgConfig::new(&url)
             .schema(&schema)
             .notifications(notify)
+            .batch_in_flight(in_flight)
             .max_connections(u32::try_from(concurrency).unwrap().clamp(4, 20))
             .poll_interval(Duration::from_millis(200)),
     )
@@ -112,6 +115,7 @@ async fn main() {
             "system": "longjob",
             "backend": "postgres",
             "notify": notify,
+            "batch_in_flight": in_flight,
             "jobs": jobs,
             "concurrency": concurrency,
             "progress": progress,

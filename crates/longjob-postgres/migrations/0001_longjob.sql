@@ -25,6 +25,10 @@ CREATE TABLE download_jobs (
 );
 -- list_by_owner (newest first: ids are UUID v7) and count_by_owner.
 CREATE INDEX download_jobs_owner_id ON download_jobs (owner, id DESC);
+-- count_by_owner: jobs created since a time, and unfinished jobs (only those are indexed).
+CREATE INDEX download_jobs_owner_created ON download_jobs (owner, created_at);
+CREATE INDEX download_jobs_active ON download_jobs (owner)
+    WHERE state NOT IN ('completed', 'failed', 'cancelled');
 -- purge_finished.
 CREATE INDEX download_jobs_finished_at ON download_jobs (finished_at) WHERE finished_at IS NOT NULL;
 

@@ -12,6 +12,7 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use crate::error::BACKEND;
 
 type Reply<T> = oneshot::Sender<BackendResult<T>>;
+type Inbox<Req, Resp> = Arc<Mutex<mpsc::UnboundedReceiver<(Req, Reply<Resp>)>>>;
 
 /// Gathers requests into batches and runs them with `exec`, up to `in_flight` batches at once.
 #[derive(Debug)]
@@ -56,11 +57,8 @@ fn stopped(message: &str) -> BackendError {
     }
 }
 
-async fn run<Req, Resp, F, Fut>(
-    rx: Arc<Mutex<mpsc::UnboundedReceiver<(Req, Reply<Resp>)>>>,
-    exec: Arc<F>,
-    max_batch: usize,
-) where
+async fn run<Req, Resp, F, Fut>(rx: Inbox<Req, Resp>, exec: Arc<F>, max_batch: usize)
+where
     F: Fn(Vec<Req>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = BackendResult<Vec<BackendResult<Resp>>>> + Send + 'static,
 {

@@ -18,10 +18,8 @@ use crate::db::Db;
 use crate::error::BACKEND;
 use crate::hub::{CancelNotice, Hub, Live};
 
-/// Most events published in one statement.
+/// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
-/// Publishing statements running at once.
-const IN_FLIGHT: usize = 3;
 /// Events read from the table per query.
 const PAGE: i64 = 1000;
 /// Cancel requests looked at again on a resync, below the highest one seen (commits may land
@@ -132,7 +130,7 @@ impl Sql {
 impl PgProgressBus {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let publishes = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+        let publishes = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |events| publish_many(Arc::clone(&db), Arc::clone(&sql), events)
         }));

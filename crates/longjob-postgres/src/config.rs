@@ -48,6 +48,11 @@ pub struct PgConfig {
     /// How often a waiting claim, an event subscription and a cancel stream look at the tables
     /// when no notification woke them (default 1 s; also the latency without notifications).
     pub poll_interval: Duration,
+    /// Concurrent calls of one kind (store updates and reads, event publishes, acks, pushes)
+    /// are gathered into one statement; this many such statements of one kind run at once
+    /// (default 1). Fewer gives bigger batches (less database work per job), more gives lower
+    /// latency under light load.
+    pub batch_in_flight: usize,
 }
 
 impl PgConfig {
@@ -62,6 +67,7 @@ impl PgConfig {
             statement_timeout: Some(Duration::from_secs(10)),
             acquire_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
+            batch_in_flight: 1,
         }
     }
 
@@ -109,6 +115,12 @@ impl PgConfig {
     /// Sets [`poll_interval`](Self::poll_interval).
     pub fn poll_interval(mut self, interval: Duration) -> Self {
         self.poll_interval = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Sets [`batch_in_flight`](Self::batch_in_flight) (at least 1).
+    pub fn batch_in_flight(mut self, n: usize) -> Self {
+        self.batch_in_flight = n.max(1);
         self
     }
 

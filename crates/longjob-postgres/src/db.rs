@@ -18,6 +18,8 @@ pub(crate) struct Db {
     pub(crate) op_deadline: Duration,
     pub(crate) notifications: bool,
     pub(crate) poll_interval: Duration,
+    /// Statements of one kind (updates, publishes, acks, …) running at once.
+    pub(crate) batch_in_flight: usize,
 }
 
 impl Db {

@@ -119,6 +119,7 @@ impl PgBackend {
                 + Duration::from_secs(1),
             notifications: config.notifications,
             poll_interval: config.poll_interval,
+            batch_in_flight: config.batch_in_flight,
         });
         if config.migrate_on_connect {
             migrate(&db).await?;

@@ -41,8 +41,6 @@ pub struct PgQueue {
 
 /// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
-/// Batches of one kind running at once.
-const IN_FLIGHT: usize = 3;
 
 #[derive(Debug)]
 struct Sql {
@@ -131,11 +129,11 @@ fn token_of(lease: &Lease) -> BackendResult<i64> {
 impl PgQueue {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let acks = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+        let acks = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |leases| ack_many(Arc::clone(&db), Arc::clone(&sql), leases)
         }));
-        let pushes = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+        let pushes = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |pushes| push_many(Arc::clone(&db), Arc::clone(&sql), pushes)
         }));

@@ -106,8 +106,6 @@ const UPDATE_MANY: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::int8[
 
 /// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
-/// Batches of one kind running at once.
-const IN_FLIGHT: usize = 3;
 
 impl Sql {
     fn new(db: &Db) -> Self {
@@ -166,11 +164,13 @@ impl Sql {
                  WHERE k.owner = $1 AND k.key = $2 AND k.expires_at > now()",
                 s = db.schema
             ),
+            // Two index scans: the owner's jobs since a time, and the owner's unfinished jobs
+            // (a partial index holds only those).
             count: db.sql(
-                "SELECT count(*) FILTER (WHERE created_at >= $2) AS created, \
-                   count(*) FILTER (WHERE state NOT IN ('completed', 'failed', 'cancelled')) \
-                     AS active \
-                 FROM {s}.download_jobs WHERE owner = $1",
+                "SELECT (SELECT count(*) FROM {s}.download_jobs \
+                     WHERE owner = $1 AND created_at >= $2) AS created, \
+                   (SELECT count(*) FROM {s}.download_jobs WHERE owner = $1 \
+                     AND state NOT IN ('completed', 'failed', 'cancelled')) AS active",
             ),
             purge: format!(
                 "WITH v AS (SELECT id FROM {s}.download_jobs \
@@ -310,11 +310,11 @@ impl JobRow {
 impl PgJobStore {
     pub(crate) fn new(db: Arc<Db>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let updates = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+        let updates = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |jobs| update_many(Arc::clone(&db), Arc::clone(&sql), jobs)
         }));
-        let gets = Arc::new(Batcher::new(MAX_BATCH, IN_FLIGHT, {
+        let gets = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |ids| get_many(Arc::clone(&db), Arc::clone(&sql), ids)
         }));
