@@ -7,7 +7,8 @@
 //!     --database-url postgres://postgres@127.0.0.1:5432/test --jobs 20000 --concurrency 50
 //! ```
 //! Flags: `--jobs N`, `--concurrency C`, `--progress P` (progress events per job),
-//! `--notify on|off`, `--database-url URL`. Each run uses a fresh schema, dropped at the end.
+//! `--notify on|off`, `--relaxed-commit on|off`, `--in-flight K`, `--database-url URL`.
+//! Each run uses a fresh schema, dropped at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ async fn main() {
     let mut progress = 0u64;
     let mut notify = true;
     let mut in_flight = 1usize;
+    let mut relaxed = true;
     let mut url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| longjob_postgres::DEFAULT_DATABASE_URL.to_owned());
     let mut argv = std::env::args().skip(1);
@@ -38,6 +40,7 @@ async fn main() {
             "--progress" => progress = value.parse().unwrap(),
             "--notify" => notify = value == "on",
             "--in-flight" => in_flight = value.parse().unwrap(),
+            "--relaxed-commit" => relaxed = value == "on",
             "--database-url" => url = value,
             other => panic!("unknown flag {other}"),
         }
@@ -48,6 +51,7 @@ async fn main() {
             .schema(&schema)
             .notifications(notify)
             .batch_in_flight(in_flight)
+            .relaxed_commit(relaxed)
             .max_connections(u32::try_from(concurrency).unwrap().clamp(4, 20))
             .poll_interval(Duration::from_millis(200)),
     )
@@ -116,6 +120,7 @@ async fn main() {
             "backend": "postgres",
             "notify": notify,
             "batch_in_flight": in_flight,
+            "relaxed_commit": relaxed,
             "jobs": jobs,
             "concurrency": concurrency,
             "progress": progress,

@@ -424,7 +424,7 @@ async fn publish_many(
             sqlx::query_as(&sql.publish)
                 .bind(jobs)
                 .bind(payloads)
-                .fetch_all(&db.pool),
+                .fetch_all(&db.relaxed),
         )
         .await?;
     let mut stamped: Vec<Option<(u64, DateTime<Utc>)>> = vec![None; events.len()];

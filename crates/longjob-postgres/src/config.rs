@@ -53,6 +53,13 @@ pub struct PgConfig {
     /// (default 1). Fewer gives bigger batches (less database work per job), more gives lower
     /// latency under light load.
     pub batch_in_flight: usize,
+    /// Commit event publishes and queue acks without waiting for the WAL flush
+    /// (`synchronous_commit = off`, on a second small pool), default `true`. Store writes — the
+    /// source of truth — always wait for it. A database *crash* (not a clean restart) may then
+    /// lose the last fraction of a second of events and acks: an unacked job is delivered again
+    /// and the worker, finding it finished in the store, acks it without running it; a lost
+    /// event's seq is reused by the next one. Set `false` to make every commit durable.
+    pub relaxed_commit: bool,
 }
 
 impl PgConfig {
@@ -68,6 +75,7 @@ impl PgConfig {
             acquire_timeout: Duration::from_secs(5),
             poll_interval: Duration::from_secs(1),
             batch_in_flight: 1,
+            relaxed_commit: true,
         }
     }
 
@@ -121,6 +129,12 @@ impl PgConfig {
     /// Sets [`batch_in_flight`](Self::batch_in_flight) (at least 1).
     pub fn batch_in_flight(mut self, n: usize) -> Self {
         self.batch_in_flight = n.max(1);
+        self
+    }
+
+    /// Sets [`relaxed_commit`](Self::relaxed_commit).
+    pub fn relaxed_commit(mut self, yes: bool) -> Self {
+        self.relaxed_commit = yes;
         self
     }
 

@@ -12,6 +12,9 @@ use crate::error::{BACKEND, Timeouts, map_err};
 #[derive(Debug)]
 pub(crate) struct Db {
     pub(crate) pool: PgPool,
+    /// For event publishes and queue acks: the same database with `synchronous_commit = off`
+    /// when [`PgConfig::relaxed_commit`](crate::PgConfig::relaxed_commit), else `pool`.
+    pub(crate) relaxed: PgPool,
     pub(crate) schema: String,
     pub(crate) timeouts: Timeouts,
     /// A client-side deadline for one operation, so a dead connection never hangs a caller.

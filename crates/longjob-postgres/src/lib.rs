@@ -110,8 +110,22 @@ impl PgBackend {
             acquire: config.acquire_timeout,
             statement: config.statement_timeout,
         };
+        let relaxed = if config.relaxed_commit {
+            let options = pool
+                .connect_options()
+                .as_ref()
+                .clone()
+                .options([("synchronous_commit", "off")]);
+            PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(config.acquire_timeout)
+                .connect_lazy_with(options)
+        } else {
+            pool.clone()
+        };
         let db = Arc::new(Db {
             pool,
+            relaxed,
             schema: config.schema.clone(),
             timeouts,
             op_deadline: config.acquire_timeout

@@ -376,7 +376,7 @@ async fn ack_many(
             sqlx::query_as(&sql.ack)
                 .bind(ids)
                 .bind(tokens)
-                .fetch_all(&db.pool),
+                .fetch_all(&db.relaxed),
         )
         .await?;
     // A lease acked twice in one batch is acked once.
