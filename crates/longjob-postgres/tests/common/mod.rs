@@ -45,9 +45,9 @@ pub async fn backend() -> PgBackend {
     connect_with(config()).await
 }
 
-/// A backend on a fresh schema, notifications off (polling only).
+/// A backend on a fresh schema, notifications off (polling only) and every commit durable.
 pub async fn backend_without_notifications() -> PgBackend {
-    connect_with(config().notifications(false)).await
+    connect_with(config().notifications(false).relaxed_commit(false)).await
 }
 
 /// Drops test schemas older than an hour, so runs do not pile them up.
