@@ -7,7 +7,8 @@
 //!     --database-url postgres://postgres@127.0.0.1:5432/test --jobs 20000 --concurrency 50
 //! ```
 //! Flags: `--jobs N`, `--concurrency C`, `--progress P` (progress events per job),
-//! `--notify on|off`, `--relaxed-commit on|off`, `--in-flight K`, `--database-url URL`.
+//! `--notify on|off`, `--relaxed-commit on|off`, `--in-flight K`, `--count-since epoch|now`,
+//! `--database-url URL`.
 //! Each run uses a fresh schema, dropped at the end.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -29,6 +30,9 @@ async fn main() {
     let mut notify = true;
     let mut in_flight = 1usize;
     let mut relaxed = true;
+    // The harness counts from the epoch (so every job of the run is counted at every poll);
+    // `--count-since now` counts only the unfinished ones, to tell the poll's cost apart.
+    let mut count_since_now = false;
     let mut url = std::env::var("DATABASE_URL")
         .unwrap_or_else(|_| longjob_postgres::DEFAULT_DATABASE_URL.to_owned());
     let mut argv = std::env::args().skip(1);
@@ -41,6 +45,7 @@ async fn main() {
             "--notify" => notify = value == "on",
             "--in-flight" => in_flight = value.parse().unwrap(),
             "--relaxed-commit" => relaxed = value == "on",
+            "--count-since" => count_since_now = value == "now",
             "--database-url" => url = value,
             other => panic!("unknown flag {other}"),
         }
@@ -96,13 +101,14 @@ async fn main() {
         })
         .start();
     let mut polls = 0u64;
+    let since = if count_since_now {
+        chrono::Utc::now()
+    } else {
+        chrono::DateTime::<chrono::Utc>::UNIX_EPOCH
+    };
     loop {
         polls += 1;
-        let counts = lj
-            .store()
-            .count_by_owner(OWNER, chrono::DateTime::<chrono::Utc>::UNIX_EPOCH)
-            .await
-            .unwrap();
+        let counts = lj.store().count_by_owner(OWNER, since).await.unwrap();
         if counts.active == 0 {
             break;
         }
@@ -121,6 +127,7 @@ async fn main() {
             "notify": notify,
             "batch_in_flight": in_flight,
             "relaxed_commit": relaxed,
+            "count_since": if count_since_now { "now" } else { "epoch" },
             "jobs": jobs,
             "concurrency": concurrency,
             "progress": progress,
