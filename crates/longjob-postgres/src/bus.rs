@@ -1,0 +1,452 @@
+//! [`PgProgressBus`]: the [`ProgressBus`] on PostgreSQL.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use longjob_core::bus::{CancelStream, EventStream};
+use longjob_core::{BackendError, BackendResult, EventPayload, JobEvent, JobId, ProgressBus};
+use sqlx::types::Json;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+use crate::batch::Batcher;
+use crate::db::Db;
+use crate::error::BACKEND;
+use crate::hub::{CancelNotice, Hub, Live};
+
+/// Most operations gathered in one statement.
+const MAX_BATCH: usize = 256;
+/// Events read from the table per query.
+const PAGE: i64 = 1000;
+/// Cancel requests looked at again on a resync, below the highest one seen (commits may land
+/// out of id order).
+const CANCEL_WINDOW: i64 = 1000;
+/// Pause after a failed read in a stream, so a consumer that keeps polling a stream whose
+/// database is down does not spin.
+const ERROR_PAUSE: Duration = Duration::from_millis(250);
+
+/// The [`ProgressBus`] on PostgreSQL.
+///
+/// - [`publish`](ProgressBus::publish) is one statement: it bumps the job's counter row in
+///   `job_event_heads` (which assigns the next `seq` atomically, whichever process publishes),
+///   stores the event in `job_events` for replay, and sends it by `NOTIFY`.
+/// - Every subscriber of the process shares the backend's one `LISTEN` connection; events are
+///   routed in process to the subscribers of their job. A subscriber that sees a gap, lags, or
+///   hears that the listener reconnected reads the missing events from the table; with
+///   notifications off it reads the table every [`poll_interval`](crate::PgConfig::poll_interval).
+/// - Cancel requests are rows of `cancel_requests`, announced by `NOTIFY`.
+///
+/// Get one from [`PgBackend::bus`](crate::PgBackend::bus).
+#[derive(Debug, Clone)]
+pub struct PgProgressBus {
+    db: Arc<Db>,
+    hub: Option<Arc<Hub>>,
+    sql: Arc<Sql>,
+    publishes: Arc<Batcher<(JobId, EventPayload), JobEvent>>,
+}
+
+#[derive(Debug)]
+struct Sql {
+    publish: String,
+    replay: String,
+    purge: String,
+    cancel: String,
+    cancel_max: String,
+    cancels_after: String,
+    purge_events_before: String,
+    purge_cancels_before: String,
+}
+
+impl Sql {
+    fn new(db: &Db) -> Self {
+        let (notify_event, notify_cancel) = if db.notifications {
+            (
+                format!(
+                    ", length(pg_notify('{}', n.job_id::text || ':' || n.seq::text || ':' || \
+                       CASE WHEN octet_length(n.payload::text) < 7000 \
+                         THEN (jsonb_build_object('seq', n.seq, 'jobId', n.job_id, 'at', n.at) \
+                           || n.payload)::text \
+                         ELSE '' END)::text)",
+                    db.events_channel()
+                ),
+                format!(
+                    ", length(pg_notify('{}', $1::text || ':' || id::text)::text)",
+                    db.cancel_channel()
+                ),
+            )
+        } else {
+            (String::new(), String::new())
+        };
+        Self {
+            // Many events (of one job or several) in one statement: each job's counter row
+            // moves by its number of events (rows locked in job order, so concurrent batches
+            // never deadlock), the events get consecutive seqs in call order, are stored, and
+            // are notified in seq order.
+            publish: db.sql(&format!(
+                "WITH b AS (SELECT * FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY \
+                   AS b(job_id, payload, ord)), \
+                 counts AS (SELECT job_id, count(*) AS n FROM b GROUP BY job_id), \
+                 head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
+                   SELECT job_id, n FROM counts ORDER BY job_id \
+                   ON CONFLICT (job_id) DO UPDATE SET last_seq = h.last_seq + excluded.last_seq \
+                   RETURNING job_id, last_seq), \
+                 numbered AS (SELECT b.ord, b.job_id, b.payload, now() AS at, \
+                   head.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY b.ord) AS seq \
+                   FROM b JOIN head USING (job_id) WINDOW w AS (PARTITION BY b.job_id)), \
+                 ins AS (INSERT INTO {{s}}.job_events (job_id, seq, at, payload) \
+                   SELECT job_id, seq, at, payload FROM numbered) \
+                 SELECT n.ord, n.seq, n.at{notify_event} \
+                 FROM (SELECT * FROM numbered ORDER BY job_id, seq) n"
+            )),
+            replay: db.sql(
+                "SELECT seq, at, payload FROM {s}.job_events \
+                 WHERE job_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            ),
+            purge: db.sql(
+                "WITH e AS (DELETE FROM {s}.job_events WHERE job_id = $1) \
+                 DELETE FROM {s}.job_event_heads WHERE job_id = $1",
+            ),
+            cancel: db.sql(&format!(
+                "WITH c AS (INSERT INTO {{s}}.cancel_requests (job_id) VALUES ($1) RETURNING id) \
+                 SELECT id{notify_cancel} FROM c"
+            )),
+            cancel_max: db.sql("SELECT coalesce(max(id), 0) FROM {s}.cancel_requests"),
+            cancels_after: db.sql(
+                "SELECT id, job_id FROM {s}.cancel_requests WHERE id > $1 ORDER BY id LIMIT 1000",
+            ),
+            purge_events_before: db.sql(
+                "DELETE FROM {s}.job_events WHERE (job_id, seq) IN \
+                 (SELECT job_id, seq FROM {s}.job_events WHERE at < $1 LIMIT $2)",
+            ),
+            purge_cancels_before: db.sql("DELETE FROM {s}.cancel_requests WHERE at < $1"),
+        }
+    }
+}
+
+impl PgProgressBus {
+    pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
+        let sql = Arc::new(Sql::new(&db));
+        let publishes = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+            let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
+            move |events| publish_many(Arc::clone(&db), Arc::clone(&sql), events)
+        }));
+        Self {
+            db,
+            hub,
+            sql,
+            publishes,
+        }
+    }
+
+    /// Deletes up to `limit` retained events published before `before` (and every cancel
+    /// request older than that); returns how many events went. Run it on a timer with the
+    /// events' retention; [`purge`](ProgressBus::purge) forgets one job's events at once.
+    pub async fn purge_events_before(
+        &self,
+        before: DateTime<Utc>,
+        limit: u64,
+    ) -> BackendResult<u64> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let done = self
+            .db
+            .run(
+                sqlx::query(&self.sql.purge_events_before)
+                    .bind(before)
+                    .bind(limit)
+                    .execute(&self.db.pool),
+            )
+            .await?;
+        self.db
+            .run(
+                sqlx::query(&self.sql.purge_cancels_before)
+                    .bind(before)
+                    .execute(&self.db.pool),
+            )
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn replay(&self, job: JobId, after: u64) -> BackendResult<Vec<JobEvent>> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let rows: Vec<(i64, DateTime<Utc>, Json<EventPayload>)> = self
+            .db
+            .run(
+                sqlx::query_as(&self.sql.replay)
+                    .bind(job.as_uuid())
+                    .bind(after)
+                    .bind(PAGE)
+                    .fetch_all(&self.db.pool),
+            )
+            .await?;
+        rows.into_iter()
+            .map(|(seq, at, payload)| {
+                Ok(JobEvent {
+                    seq: u64::try_from(seq)
+                        .map_err(|_| BackendError::corrupt(BACKEND, "negative seq"))?,
+                    job_id: job,
+                    at,
+                    payload: payload.0,
+                })
+            })
+            .collect()
+    }
+
+    async fn cancels_after(&self, after: i64) -> BackendResult<Vec<(i64, JobId)>> {
+        let rows: Vec<(i64, Uuid)> = self
+            .db
+            .run(
+                sqlx::query_as(&self.sql.cancels_after)
+                    .bind(after)
+                    .fetch_all(&self.db.pool),
+            )
+            .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(id, job)| (id, JobId::from_uuid(job)))
+            .collect())
+    }
+}
+
+/// One subscriber's state.
+struct Subscription {
+    bus: PgProgressBus,
+    job: JobId,
+    last: u64,
+    replay: VecDeque<JobEvent>,
+    /// Read the table before waiting (a full page came, a gap was seen, or a read failed).
+    refill: bool,
+    live: Option<broadcast::Receiver<Live>>,
+}
+
+impl Subscription {
+    async fn fill(&mut self) -> BackendResult<()> {
+        let events = self.bus.replay(self.job, self.last).await?;
+        self.refill = events.len() as i64 >= PAGE;
+        self.replay = events.into();
+        Ok(())
+    }
+
+    async fn next(&mut self) -> Option<BackendResult<JobEvent>> {
+        loop {
+            if let Some(event) = self.replay.pop_front() {
+                if event.seq <= self.last {
+                    continue;
+                }
+                self.last = event.seq;
+                return Some(Ok(event));
+            }
+            if self.refill {
+                if let Err(e) = self.fill().await {
+                    tokio::time::sleep(ERROR_PAUSE).await;
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            let Some(live) = self.live.as_mut() else {
+                tokio::time::sleep(self.bus.db.poll_interval).await;
+                self.refill = true;
+                continue;
+            };
+            match live.recv().await {
+                Ok(Live::Event(event)) if event.seq <= self.last => {}
+                Ok(Live::Event(event)) if event.seq == self.last + 1 => {
+                    self.last = event.seq;
+                    return Some(Ok(event));
+                }
+                Ok(Live::Hint(seq)) if seq <= self.last => {}
+                // A gap, an event too large for a notification, a lag or a reconnection: the
+                // table has everything committed.
+                Ok(Live::Event(_) | Live::Hint(_) | Live::Resync)
+                | Err(broadcast::error::RecvError::Lagged(_)) => self.refill = true,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+/// One cancel stream's state.
+struct CancelSubscription {
+    bus: PgProgressBus,
+    /// Requests at or below this id were made before the stream started.
+    floor: i64,
+    seen: BTreeSet<i64>,
+    pending: VecDeque<JobId>,
+    resync: bool,
+    live: Option<broadcast::Receiver<CancelNotice>>,
+}
+
+impl CancelSubscription {
+    fn accept(&mut self, id: i64) -> bool {
+        if id <= self.floor || !self.seen.insert(id) {
+            return false;
+        }
+        while self.seen.len() > 4 * CANCEL_WINDOW as usize {
+            self.seen.pop_first();
+        }
+        true
+    }
+
+    async fn next(&mut self) -> Option<BackendResult<JobId>> {
+        loop {
+            if let Some(job) = self.pending.pop_front() {
+                return Some(Ok(job));
+            }
+            if self.resync {
+                let max_seen = self.seen.last().copied().unwrap_or(self.floor);
+                let from = self.floor.max(max_seen - CANCEL_WINDOW);
+                match self.bus.cancels_after(from).await {
+                    Ok(rows) => {
+                        for (id, job) in rows {
+                            if self.accept(id) {
+                                self.pending.push_back(job);
+                            }
+                        }
+                        self.resync = false;
+                    }
+                    Err(e) => {
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                        return Some(Err(e));
+                    }
+                }
+                continue;
+            }
+            let Some(live) = self.live.as_mut() else {
+                tokio::time::sleep(self.bus.db.poll_interval).await;
+                self.resync = true;
+                continue;
+            };
+            match live.recv().await {
+                Ok(CancelNotice::Cancel { id, job }) => {
+                    if self.accept(id) {
+                        return Some(Ok(job));
+                    }
+                }
+                Ok(CancelNotice::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.resync = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProgressBus for PgProgressBus {
+    async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
+        self.publishes.call((job, payload)).await
+    }
+
+    async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
+        // Listen first, then read the table: an event published in between is seen twice
+        // (and dropped by seq), never missed.
+        let live = self.hub.as_ref().map(|h| h.subscribe_job(job));
+        let mut subscription = Subscription {
+            bus: self.clone(),
+            job,
+            last: after_seq,
+            replay: VecDeque::new(),
+            refill: false,
+            live,
+        };
+        subscription.fill().await?;
+        Ok(futures::stream::unfold(subscription, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed())
+    }
+
+    async fn signal_cancel(&self, job: JobId) -> BackendResult<()> {
+        self.db
+            .run(
+                sqlx::query(&self.sql.cancel)
+                    .bind(job.as_uuid())
+                    .execute(&self.db.pool),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn cancel_signals(&self) -> BackendResult<CancelStream> {
+        let live = self.hub.as_ref().map(|h| h.cancels.subscribe());
+        let floor: i64 = self
+            .db
+            .run(sqlx::query_scalar(&self.sql.cancel_max).fetch_one(&self.db.pool))
+            .await?;
+        let subscription = CancelSubscription {
+            bus: self.clone(),
+            floor,
+            seen: BTreeSet::new(),
+            pending: VecDeque::new(),
+            resync: false,
+            live,
+        };
+        Ok(futures::stream::unfold(subscription, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed())
+    }
+
+    async fn purge(&self, job: JobId) -> BackendResult<()> {
+        self.db
+            .run(
+                sqlx::query(&self.sql.purge)
+                    .bind(job.as_uuid())
+                    .execute(&self.db.pool),
+            )
+            .await
+            .map(|_| ())
+    }
+
+    async fn health(&self) -> BackendResult<()> {
+        self.db
+            .run(sqlx::query("SELECT 1").execute(&self.db.pool))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Publishes a batch of events in one statement.
+async fn publish_many(
+    db: Arc<Db>,
+    sql: Arc<Sql>,
+    events: Vec<(JobId, EventPayload)>,
+) -> BackendResult<Vec<BackendResult<JobEvent>>> {
+    let jobs: Vec<Uuid> = events.iter().map(|(job, _)| *job.as_uuid()).collect();
+    let payloads: Vec<Json<&EventPayload>> = events.iter().map(|(_, p)| Json(p)).collect();
+    let rows: Vec<(i64, i64, DateTime<Utc>)> = db
+        .run(
+            sqlx::query_as(&sql.publish)
+                .bind(jobs)
+                .bind(payloads)
+                .fetch_all(&db.relaxed),
+        )
+        .await?;
+    let mut stamped: Vec<Option<(u64, DateTime<Utc>)>> = vec![None; events.len()];
+    for (ord, seq, at) in rows {
+        let slot = usize::try_from(ord - 1)
+            .ok()
+            .and_then(|i| stamped.get_mut(i));
+        if let (Some(slot), Ok(seq)) = (slot, u64::try_from(seq)) {
+            *slot = Some((seq, at));
+        }
+    }
+    Ok(events
+        .into_iter()
+        .zip(stamped)
+        .map(|((job_id, payload), stamp)| match stamp {
+            Some((seq, at)) => Ok(JobEvent {
+                seq,
+                job_id,
+                at,
+                payload,
+            }),
+            None => Err(BackendError::corrupt(BACKEND, "an event was not stored")),
+        })
+        .collect())
+}

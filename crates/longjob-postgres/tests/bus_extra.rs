@@ -1,0 +1,68 @@
+//! Bus paths the kit does not reach: events too large for a notification, and many jobs'
+//! subscribers sharing the one listening connection.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use longjob_core::{EventPayload, JobError, JobId, ProgressBus};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_too_large_for_a_notification_arrives_live_from_the_table() {
+    let bus = common::backend().await.bus();
+    let job = JobId::new();
+    let mut stream = bus.subscribe(job, 0).await.unwrap();
+    // Over PostgreSQL's 8000-byte notification payload.
+    let large = EventPayload::Failed {
+        error: JobError::internal("x".repeat(20_000)),
+        attempt: 1,
+    };
+    bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    bus.publish(job, large.clone()).await.unwrap();
+    bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    for (seq, expected) in [
+        (1, EventPayload::Cancelled {}),
+        (2, large),
+        (3, EventPayload::Cancelled {}),
+    ] {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("event in time")
+            .expect("stream open")
+            .unwrap();
+        assert_eq!((event.seq, event.payload), (seq, expected));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_of_many_jobs_share_one_listening_connection() {
+    let pg = common::backend().await;
+    let bus = pg.bus();
+    let jobs: Vec<JobId> = (0..200).map(|_| JobId::new()).collect();
+    let mut streams = Vec::new();
+    for job in &jobs {
+        streams.push(bus.subscribe(*job, 0).await.unwrap());
+    }
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query LIKE 'LISTEN%' AND query LIKE $1",
+    )
+    .bind(format!("%{}__%", pg.schema()))
+    .fetch_one(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(listening, 1, "one LISTEN connection for every subscriber");
+    for job in &jobs {
+        bus.publish(*job, EventPayload::Cancelled {}).await.unwrap();
+    }
+    for (job, stream) in jobs.iter().zip(&mut streams) {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("event in time")
+            .expect("stream open")
+            .unwrap();
+        assert_eq!((event.job_id, event.seq), (*job, 1));
+    }
+}
