@@ -381,22 +381,26 @@ impl Job {
 
     /// Sets `progress.current` and `progress.total` from the item records (when there are any).
     pub fn recount_items(&mut self) {
-        if self.items.is_empty() {
-            return;
-        }
-        self.progress.total = self.items.len() as u64;
-        self.progress.current = self
-            .items
-            .iter()
-            .filter(|i| i.status != ItemStatus::Pending)
-            .count() as u64;
-        self.progress.bytes_done = self
-            .items
-            .iter()
-            .filter(|i| i.status == ItemStatus::Completed)
-            .filter_map(|i| i.size)
-            .sum();
+        recount(&self.items, &mut self.progress);
     }
+}
+
+/// Sets `progress.current`, `total` and `bytes_done` from `items` (when there are any): items
+/// processed whatever their outcome, all items, and the sizes of the completed ones.
+pub fn recount(items: &[ItemRecord], progress: &mut Progress) {
+    if items.is_empty() {
+        return;
+    }
+    progress.total = items.len() as u64;
+    progress.current = items
+        .iter()
+        .filter(|i| i.status != ItemStatus::Pending)
+        .count() as u64;
+    progress.bytes_done = items
+        .iter()
+        .filter(|i| i.status == ItemStatus::Completed)
+        .filter_map(|i| i.size)
+        .sum();
 }
 
 #[cfg(test)]

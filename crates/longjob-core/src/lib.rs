@@ -37,10 +37,14 @@ pub use blob::BlobStore;
 pub use bus::ProgressBus;
 pub use error::{BackendError, BackendResult, BoxError, ErrorKind, JobError};
 pub use event::{EventPayload, JobEvent};
-// pub use facade::*;
+pub use facade::{
+    DownloadUrl, HealthReport, LongJob, LongJobBuilder, LongJobConfig, LongJobError, SubmitRequest,
+    Submitted,
+};
 pub use id::{InvalidJobId, JobId};
 pub use job::{ItemRecord, ItemStatus, Job, JobResult, Progress};
 pub use policy::{RetryDecision, RetryPolicy, Timeouts};
 pub use queue::{Lease, Queue};
 pub use state::{InvalidTransition, JobState, Transition, next_state};
 pub use store::JobStore;
+pub use worker::{HandlerResult, JobContext, WorkerBuilder, WorkerConfig, WorkerHandle};

@@ -175,6 +175,7 @@ mod tests {
         for s in JobState::ALL {
             assert_eq!(JobState::parse(s.as_str()), Some(s));
         }
-        assert_eq!(JobState::parse("processing"), None);
+        assert_eq!(JobState::parse("processing"), Some(JobState::Running));
+        assert_eq!(JobState::parse("running"), None);
     }
 }

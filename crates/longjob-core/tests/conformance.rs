@@ -1,4 +1,5 @@
 //! The in-memory backends and the local-disk blob store run the whole conformance kit.
+#![allow(clippy::unwrap_used)]
 
 use std::sync::Arc;
 

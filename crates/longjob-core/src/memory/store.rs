@@ -132,7 +132,7 @@ impl JobStore for MemoryJobStore {
             .filter(|j| j.owner == owner)
             .cloned()
             .collect();
-        jobs.sort_by(|a, b| b.id.cmp(&a.id));
+        jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
         jobs.truncate(limit);
         Ok(jobs)
     }

@@ -5,7 +5,7 @@
 //! Each suite is a set of public async functions, one per case, and a macro that turns them
 //! into one `#[tokio::test]` each:
 //!
-//! ```ignore
+//! ```text
 //! // in a backend's tests/conformance.rs
 //! longjob_core::queue_conformance!(async { MyQueue::connect(fresh_namespace()).await.unwrap() });
 //! longjob_core::store_conformance!(async { MyStore::connect(fresh_namespace()).await.unwrap() });

@@ -1,0 +1,399 @@
+//! The worker runtime: claims jobs in batches, runs their handlers under leases, heartbeats all
+//! leases in one call per interval, enforces timeouts, retries, cancellation and graceful
+//! shutdown.
+
+mod context;
+mod run;
+
+pub use context::JobContext;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use serde::de::DeserializeOwned;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::memory::lock;
+use crate::{JobError, JobId, JobResult, Lease, LongJob};
+
+/// Why a running handler was stopped before it returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    /// Its owner cancelled the job.
+    Cancelled,
+    /// The worker lost the lease (expired, or revoked): another worker may own the job now.
+    LeaseLost,
+    /// The worker is shutting down and the grace period ran out.
+    Shutdown,
+}
+
+/// Settings of a worker, with defaults that work.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct WorkerConfig {
+    /// Jobs run at once. Default 16.
+    pub concurrency: usize,
+    /// Most jobs claimed in one call. Default: the concurrency.
+    pub claim_batch: Option<usize>,
+    /// A lease's time-to-live. Default 30 s.
+    pub lease_ttl: Duration,
+    /// How often all leases are extended (one call). Default 10 s.
+    pub heartbeat_interval: Duration,
+    /// How long one claim waits for work when the queue is empty. Default 5 s.
+    pub claim_wait: Duration,
+    /// The least time between two progress events of one job. Default 250 ms.
+    pub progress_interval: Duration,
+    /// The least time between two progress writes of one job to the store. Default 1 s.
+    pub store_flush_interval: Duration,
+    /// How often finished jobs past their retention are purged (`None`: never). Default 60 s.
+    pub purge_interval: Option<Duration>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            claim_batch: None,
+            lease_ttl: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            claim_wait: Duration::from_secs(5),
+            progress_interval: Duration::from_millis(250),
+            store_flush_interval: Duration::from_secs(1),
+            purge_interval: Some(Duration::from_secs(60)),
+        }
+    }
+}
+
+/// What a handler returns: an optional result blob, or a classified error.
+pub type HandlerResult = Result<Option<JobResult>, JobError>;
+
+type ErasedHandler =
+    Arc<dyn Fn(JobContext, serde_json::Value) -> BoxFuture<'static, HandlerResult> + Send + Sync>;
+
+/// Builds a worker: its settings and one handler per job kind.
+pub struct WorkerBuilder {
+    lj: LongJob,
+    config: WorkerConfig,
+    handlers: HashMap<String, ErasedHandler>,
+}
+
+impl std::fmt::Debug for WorkerBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("config", &self.config)
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerBuilder {
+    pub(crate) fn new(lj: LongJob) -> Self {
+        Self {
+            lj,
+            config: WorkerConfig::default(),
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Replaces the settings.
+    pub fn config(mut self, config: WorkerConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Sets how many jobs run at once (at least 1).
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.config.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Registers the handler of jobs of `kind`. Its input is the job's payload, deserialized;
+    /// a payload that does not deserialize fails the job with a `validation` error.
+    pub fn handle<I, F, Fut>(mut self, kind: impl Into<String>, handler: F) -> Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        F: Fn(JobContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let erased: ErasedHandler = Arc::new(move |ctx, payload| {
+            let handler = Arc::clone(&handler);
+            Box::pin(async move {
+                let input: I = serde_json::from_value(payload)
+                    .map_err(|e| JobError::validation(format!("invalid job input: {e}")))?;
+                handler(ctx, input).await
+            })
+        });
+        self.handlers.insert(kind.into(), erased);
+        self
+    }
+
+    /// Starts the worker on the current tokio runtime.
+    pub fn start(self) -> WorkerHandle {
+        let shared = Arc::new(Shared {
+            lj: self.lj,
+            config: self.config,
+            handlers: self.handlers,
+            running: Mutex::new(HashMap::new()),
+        });
+        let stop_claiming = CancellationToken::new();
+        let stop_all = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(heartbeat_loop(Arc::clone(&shared), stop_all.clone()));
+        tasks.spawn(cancel_listener(Arc::clone(&shared), stop_all.clone()));
+        if let Some(every) = shared.config.purge_interval {
+            tasks.spawn(purge_loop(Arc::clone(&shared), every, stop_all.clone()));
+        }
+        let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
+        let claimer = tokio::spawn(claim_loop(
+            Arc::clone(&shared),
+            stop_claiming.clone(),
+            Arc::clone(&jobs),
+        ));
+        WorkerHandle {
+            shared,
+            stop_claiming,
+            stop_all,
+            claimer,
+            tasks,
+            jobs,
+        }
+    }
+}
+
+pub(crate) struct Shared {
+    pub(crate) lj: LongJob,
+    pub(crate) config: WorkerConfig,
+    pub(crate) handlers: HashMap<String, ErasedHandler>,
+    /// Jobs running here: their lease and their context (to stop them).
+    pub(crate) running: Mutex<HashMap<JobId, (Lease, Option<JobContext>)>>,
+}
+
+/// A running worker. Dropping it aborts its tasks without releasing leases (as a crash would);
+/// call [`shutdown`](Self::shutdown) to stop gracefully.
+pub struct WorkerHandle {
+    shared: Arc<Shared>,
+    stop_claiming: CancellationToken,
+    stop_all: CancellationToken,
+    claimer: tokio::task::JoinHandle<()>,
+    tasks: JoinSet<()>,
+    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+}
+
+impl std::fmt::Debug for WorkerHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerHandle")
+            .field("running", &self.running())
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerHandle {
+    /// How many jobs run now.
+    pub fn running(&self) -> usize {
+        lock(&self.shared.running).len()
+    }
+
+    /// Stops claiming, lets running jobs finish within `grace`, then stops the rest and
+    /// releases their leases (their jobs run again elsewhere, the interrupted attempt not counted).
+    pub async fn shutdown(mut self, grace: Duration) {
+        self.stop_claiming.cancel();
+        let _ = (&mut self.claimer).await;
+        let jobs = Arc::clone(&self.jobs);
+        let mut jobs = jobs.lock().await;
+        let drained =
+            tokio::time::timeout(grace, async { while jobs.join_next().await.is_some() {} }).await;
+        if drained.is_err() {
+            let contexts: Vec<JobContext> = lock(&self.shared.running)
+                .values()
+                .filter_map(|(_, ctx)| ctx.clone())
+                .collect();
+            tracing::info!(
+                jobs = contexts.len(),
+                "grace period over: releasing running jobs"
+            );
+            for ctx in contexts {
+                ctx.stop(StopReason::Shutdown);
+            }
+            while jobs.join_next().await.is_some() {}
+        }
+        self.stop_all.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+
+    /// Stops everything at once without releasing leases or writing anything, as a crash would.
+    /// For tests of recovery.
+    pub async fn abort(mut self) {
+        self.claimer.abort();
+        self.jobs.lock().await.abort_all();
+        self.tasks.abort_all();
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.claimer.abort();
+        if let Ok(mut jobs) = self.jobs.try_lock() {
+            jobs.abort_all();
+        }
+        self.stop_all.cancel();
+    }
+}
+
+/// Sleeps with exponential backoff after a backend error, up to 5 s.
+fn backoff(failures: u32) -> Duration {
+    let ceiling = Duration::from_millis(100)
+        .saturating_mul(1 << failures.min(6))
+        .min(Duration::from_secs(5));
+    Duration::from_nanos(rand::random_range(
+        ceiling.as_nanos() as u64 / 2..=ceiling.as_nanos() as u64,
+    ))
+}
+
+async fn claim_loop(
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
+) {
+    let config = &shared.config;
+    let slots = Arc::new(Semaphore::new(config.concurrency));
+    let batch = config.claim_batch.unwrap_or(config.concurrency).max(1);
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
+            () = stop.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < batch {
+            match Arc::clone(&slots).try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let claimed = tokio::select! {
+            r = shared.lj.queue().claim(permits.len(), config.lease_ttl, config.claim_wait) => r,
+            () = stop.cancelled() => return,
+        };
+        let leases = match claimed {
+            Ok(leases) => {
+                failures = 0;
+                leases
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(error = %e, failures, "claim failed; backing off");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(failures)) => continue,
+                    () = stop.cancelled() => return,
+                }
+            }
+        };
+        let mut jobs = jobs.lock().await;
+        while jobs.try_join_next().is_some() {}
+        for (lease, permit) in leases.into_iter().zip(permits) {
+            lock(&shared.running).insert(lease.job_id, (lease, None));
+            let shared = Arc::clone(&shared);
+            jobs.spawn(async move {
+                run::run_job(&shared, lease).await;
+                lock(&shared.running).remove(&lease.job_id);
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn heartbeat_loop(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut interval = tokio::time::interval(shared.config.heartbeat_interval);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let leases: Vec<Lease> = lock(&shared.running).values().map(|(l, _)| *l).collect();
+        if leases.is_empty() {
+            continue;
+        }
+        match shared
+            .lj
+            .queue()
+            .extend(&leases, shared.config.lease_ttl)
+            .await
+        {
+            Ok(held) => {
+                for (lease, held) in leases.iter().zip(held) {
+                    if !held {
+                        tracing::warn!(job_id = %lease.job_id, "lease lost; stopping the handler");
+                        let ctx = lock(&shared.running)
+                            .get(&lease.job_id)
+                            .and_then(|(_, c)| c.clone());
+                        if let Some(ctx) = ctx {
+                            ctx.stop(StopReason::LeaseLost);
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, leases = leases.len(), "heartbeat failed"),
+        }
+    }
+}
+
+async fn cancel_listener(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut failures = 0u32;
+    loop {
+        let signals = tokio::select! {
+            s = shared.lj.bus().cancel_signals() => s,
+            () = stop.cancelled() => return,
+        };
+        match signals {
+            Ok(mut signals) => loop {
+                let next = tokio::select! {
+                    n = signals.next() => n,
+                    () = stop.cancelled() => return,
+                };
+                match next {
+                    Some(Ok(job)) => {
+                        failures = 0;
+                        let ctx = lock(&shared.running).get(&job).and_then(|(_, c)| c.clone());
+                        if let Some(ctx) = ctx {
+                            tracing::info!(job_id = %job, "cancel requested; stopping the handler");
+                            ctx.stop(StopReason::Cancelled);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "cancel signals interrupted");
+                        break;
+                    }
+                    None => break,
+                }
+            },
+            Err(e) => tracing::warn!(error = %e, "cannot listen for cancel signals"),
+        }
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(backoff(failures)) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn purge_loop(shared: Arc<Shared>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = stop.cancelled() => return,
+        }
+        match shared.lj.purge_expired().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(jobs = n, "purged finished jobs past their retention"),
+            Err(e) => tracing::warn!(error = %e, "purge failed"),
+        }
+    }
+}

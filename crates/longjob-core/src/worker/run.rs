@@ -1,0 +1,358 @@
+//! One job's attempt, from its lease to its ack.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::context::{ContextInner, Tracked};
+use super::{JobContext, Shared, StopReason, backoff};
+use crate::memory::lock;
+use crate::{BackendError, EventPayload, Job, JobError, JobResult, JobState, Lease, RetryDecision};
+
+/// How an attempt ended.
+enum Outcome {
+    Done(Result<Option<JobResult>, JobError>),
+    Stopped(StopReason),
+}
+
+pub(crate) async fn run_job(shared: &Shared, lease: Lease) {
+    let span = tracing::info_span!("job", job_id = %lease.job_id, token = lease.token);
+    async {
+        if let Err(e) = attempt(shared, lease).await {
+            // The lease expires and the job runs again elsewhere: at least once, never lost.
+            tracing::warn!(error = %e, "attempt abandoned on a backend error");
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Retries a backend call on transient errors for up to about a lease's time-to-live.
+async fn persist<T, F, Fut>(shared: &Shared, mut call: F) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, BackendError>>,
+{
+    let give_up = Instant::now() + shared.config.lease_ttl;
+    let mut failures = 0;
+    loop {
+        match call().await {
+            Err(e) if e.is_transient() && Instant::now() < give_up => {
+                failures += 1;
+                tracing::debug!(error = %e, failures, "transient backend error; retrying");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
+    let lj = &shared.lj;
+    let queue = lj.queue();
+    let Some(mut job) = persist(shared, || lj.store().get(lease.job_id)).await? else {
+        tracing::warn!("leased job is not in the store; dropping it");
+        persist(shared, || queue.ack(&lease)).await?;
+        return Ok(());
+    };
+    if job.state.is_terminal() || job.lease_token > lease.token {
+        // Cancelled while queued, or a newer lease owns it.
+        persist(shared, || queue.ack(&lease)).await?;
+        return Ok(());
+    }
+    let now = Utc::now();
+    let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
+        let error = JobError::internal(format!("no handler is registered for kind {:?}", job.kind));
+        return finish_start_failure(shared, lease, job, error).await;
+    };
+    if !job.has_attempts_left() {
+        // Taken over after its worker was lost on the last attempt.
+        let error = JobError::internal("the worker running the last attempt was lost");
+        return finish_start_failure(shared, lease, job, error).await;
+    }
+    if job.start(lease.token, now).is_err() {
+        persist(shared, || queue.ack(&lease)).await?;
+        return Ok(());
+    }
+    job = match persist(shared, || lj.store().update(&job)).await {
+        Ok(job) => job,
+        Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
+            // Someone wrote the job since we read it (a cancel, a newer lease): look again later.
+            persist(shared, || queue.requeue(&lease, Duration::ZERO)).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    tracing::info!(attempt = job.attempt, kind = %job.kind, "attempt started");
+    let _ = lj
+        .bus()
+        .publish(job.id, EventPayload::status_of(&job))
+        .await;
+
+    let timeout = lj.config().timeouts.job;
+    let started = Instant::now();
+    let ctx = JobContext::new(ContextInner {
+        job_id: job.id,
+        attempt: job.attempt,
+        owner: job.owner.clone(),
+        lease_token: lease.token,
+        lj: lj.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        stop_reason: Mutex::new(None),
+        deadline: started + timeout,
+        progress_interval: shared.config.progress_interval,
+        flush_interval: shared.config.store_flush_interval,
+        started,
+        state: Mutex::new(Tracked {
+            items: job.items.clone(),
+            progress: job.progress,
+            last_event: None,
+            last_flush: started,
+            dirty: false,
+        }),
+        stored: tokio::sync::Mutex::new(job.clone()),
+    });
+    if let Some(entry) = lock(&shared.running).get_mut(&job.id) {
+        entry.1 = Some(ctx.clone());
+    }
+    let run = handler(ctx.clone(), job.payload.clone());
+    let outcome = tokio::select! {
+        r = tokio::time::timeout(timeout, run) => match r {
+            Ok(r) => Outcome::Done(r),
+            Err(_) => Outcome::Done(Err(JobError::timeout(format!("the attempt exceeded its timeout of {} s", timeout.as_secs())))),
+        },
+        () = ctx.cancellation().cancelled() => Outcome::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)),
+    };
+    // A handler that returned after being stopped is treated as stopped.
+    let outcome = match (outcome, ctx.stop_reason()) {
+        (Outcome::Done(_), Some(reason)) => Outcome::Stopped(reason),
+        (outcome, _) => outcome,
+    };
+    conclude(shared, lease, &ctx, outcome).await
+}
+
+/// Fails a job that cannot start here, for good.
+async fn finish_start_failure(
+    shared: &Shared,
+    lease: Lease,
+    mut job: Job,
+    error: JobError,
+) -> Result<(), BackendError> {
+    let lj = &shared.lj;
+    let now = Utc::now();
+    if job.state != JobState::Running {
+        let _ = job.start(lease.token, now);
+    }
+    job.lease_token = job.lease_token.max(lease.token);
+    if job.fail(error.clone(), now).is_ok() {
+        match persist(shared, || lj.store().update(&job)).await {
+            Ok(job) => {
+                let _ = lj
+                    .bus()
+                    .publish(
+                        job.id,
+                        EventPayload::Failed {
+                            error,
+                            attempt: job.attempt,
+                        },
+                    )
+                    .await;
+            }
+            Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
+                persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    persist(shared, || lj.queue().ack(&lease)).await?;
+    Ok(())
+}
+
+async fn conclude(
+    shared: &Shared,
+    lease: Lease,
+    ctx: &JobContext,
+    outcome: Outcome,
+) -> Result<(), BackendError> {
+    let lj = &shared.lj;
+    let queue = lj.queue();
+    let policy = lj.config().retry;
+    match outcome {
+        Outcome::Stopped(StopReason::LeaseLost) => {
+            tracing::warn!("lease lost: leaving the job to its new owner");
+            Ok(())
+        }
+        Outcome::Stopped(StopReason::Cancelled) => {
+            let current = persist(shared, || lj.store().get(lease.job_id)).await?;
+            match current {
+                Some(job) if job.state == JobState::Running && job.lease_token == lease.token => {
+                    // The signal was for an earlier run of this job: run it again.
+                    release(shared, lease, ctx).await
+                }
+                _ => {
+                    tracing::info!("cancelled");
+                    persist(shared, || queue.ack(&lease)).await.map(drop)
+                }
+            }
+        }
+        Outcome::Stopped(StopReason::Shutdown) => release(shared, lease, ctx).await,
+        Outcome::Done(Ok(result)) => {
+            let completed = write_final(shared, lease, ctx, |job| {
+                job.complete(result.clone(), Utc::now()).is_ok()
+            })
+            .await?;
+            if let Some(job) = completed {
+                tracing::info!(attempt = job.attempt, "completed");
+                let (download_url, expires_at) = match &job.result {
+                    Some(result) => match lj.presign(result).await {
+                        Ok(url) => (Some(url.url), Some(url.expires_at)),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not presign the result for the event");
+                            (None, None)
+                        }
+                    },
+                    None => (None, None),
+                };
+                let size = job.result.as_ref().map(|r| r.size);
+                let payload = EventPayload::Completed {
+                    download_url,
+                    expires_at,
+                    size,
+                };
+                let _ = lj.bus().publish(job.id, payload).await;
+                persist(shared, || queue.ack(&lease)).await?;
+            } else if let Some(result) = result {
+                // The job was cancelled or taken over meanwhile: its result is not wanted.
+                let _ = lj.blobs().delete(&result.blob_key).await;
+            }
+            Ok(())
+        }
+        Outcome::Done(Err(error)) => {
+            let attempt = ctx.attempt();
+            let max_attempts = persist(shared, || lj.store().get(lease.job_id))
+                .await?
+                .map_or(attempt, |j| j.max_attempts);
+            match policy.decide(attempt, max_attempts, &error) {
+                RetryDecision::RetryAfter(delay) => {
+                    let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                    let e = error.clone();
+                    let retrying = write_final(shared, lease, ctx, move |job| {
+                        job.schedule_retry(e.clone(), run_at, Utc::now()).is_ok()
+                    })
+                    .await?;
+                    if let Some(job) = retrying {
+                        tracing::info!(attempt, error = %error, ?delay, "attempt failed; retrying");
+                        let _ = lj
+                            .bus()
+                            .publish(job.id, EventPayload::status_of(&job))
+                            .await;
+                        persist(shared, || queue.requeue(&lease, delay)).await?;
+                    }
+                }
+                RetryDecision::GiveUp => {
+                    let e = error.clone();
+                    let failed = write_final(shared, lease, ctx, move |job| {
+                        job.fail(e.clone(), Utc::now()).is_ok()
+                    })
+                    .await?;
+                    if let Some(job) = failed {
+                        tracing::info!(attempt, error = %error, "failed");
+                        let payload = EventPayload::Failed {
+                            error,
+                            attempt: job.attempt,
+                        };
+                        let _ = lj.bus().publish(job.id, payload).await;
+                        persist(shared, || queue.ack(&lease)).await?;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Gives the job back for another worker, without counting the interrupted attempt.
+async fn release(shared: &Shared, lease: Lease, ctx: &JobContext) -> Result<(), BackendError> {
+    let lj = &shared.lj;
+    let released = write_final(shared, lease, ctx, |job| {
+        let now = Utc::now();
+        let ok = job
+            .schedule_retry(
+                JobError::internal("interrupted by a worker shutdown"),
+                now,
+                now,
+            )
+            .is_ok();
+        if ok {
+            job.attempt = job.attempt.saturating_sub(1);
+        }
+        ok
+    })
+    .await?;
+    if let Some(job) = released {
+        tracing::info!("released for another worker");
+        let _ = lj
+            .bus()
+            .publish(job.id, EventPayload::status_of(&job))
+            .await;
+        persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
+    }
+    Ok(())
+}
+
+/// Writes the attempt's end (items, progress and `change`) with compare-and-set, re-reading on
+/// conflicts. Returns the job as written, or `None` when the job is no longer ours to write
+/// (cancelled, or taken over by a newer lease); in the cancelled case the lease is acked.
+async fn write_final(
+    shared: &Shared,
+    lease: Lease,
+    ctx: &JobContext,
+    change: impl Fn(&mut Job) -> bool,
+) -> Result<Option<Job>, BackendError> {
+    let lj = &shared.lj;
+    let mut job = ctx.inner().stored.lock().await.clone();
+    for _ in 0..16 {
+        if job.lease_token != lease.token {
+            tracing::warn!(
+                current = job.lease_token,
+                "a newer lease owns the job; not writing"
+            );
+            return Ok(None);
+        }
+        if job.state != JobState::Running {
+            tracing::info!(state = %job.state, "the job changed state meanwhile; not writing");
+            if job.state.is_terminal() {
+                persist(shared, || lj.queue().ack(&lease)).await?;
+            }
+            return Ok(None);
+        }
+        let mut next = job.clone();
+        ctx.apply_tracked(&mut next);
+        if !change(&mut next) {
+            return Ok(None);
+        }
+        match persist(shared, || lj.store().update(&next)).await {
+            Ok(written) => return Ok(Some(written)),
+            Err(BackendError::Conflict { .. }) => {
+                match persist(shared, || lj.store().get(lease.job_id)).await? {
+                    Some(current) => job = current,
+                    None => return Ok(None),
+                }
+            }
+            Err(BackendError::Fenced { current, .. }) => {
+                tracing::warn!(current, "fenced: a newer lease owns the job");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(BackendError::Unavailable {
+        backend: "store",
+        message: format!("job {} kept changing; final write gave up", lease.job_id),
+        source: None,
+    })
+}

@@ -1,0 +1,644 @@
+//! The worker runtime, on the in-memory backends, under tokio's paused clock where time matters.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use longjob_core::blob::{PutOptions, byte_stream};
+use longjob_core::memory::{MemoryBlobStore, MemoryJobStore, MemoryProgressBus, MemoryQueue};
+use longjob_core::queue::QueueStats;
+use longjob_core::signing::UrlSigner;
+use longjob_core::{
+    BackendResult, ErrorKind, EventPayload, JobError, JobId, JobResult, JobState, Lease, LongJob,
+    LongJobConfig, Queue, RetryPolicy, SubmitRequest, WorkerConfig,
+};
+use tokio::time::Instant;
+
+const OWNER: &str = "alice";
+
+fn config(max_attempts: u32) -> LongJobConfig {
+    let mut config = LongJobConfig::default();
+    config.retry = RetryPolicy {
+        max_attempts,
+        base_delay: Duration::from_secs(1),
+        max_delay: Duration::from_secs(60),
+        jitter: false,
+    };
+    config.jobs_per_hour = None;
+    config
+}
+
+fn facade(config: LongJobConfig) -> LongJob {
+    LongJob::builder()
+        .blobs(Arc::new(MemoryBlobStore::new(UrlSigner::random(
+            "http://test/files",
+        ))))
+        .config(config)
+        .build()
+}
+
+fn worker_config() -> WorkerConfig {
+    let mut c = WorkerConfig::default();
+    c.concurrency = 4;
+    c.lease_ttl = Duration::from_secs(10);
+    c.heartbeat_interval = Duration::from_secs(3);
+    c.claim_wait = Duration::from_millis(500);
+    c
+}
+
+async fn submit(lj: &LongJob, kind: &str, items: &[&str]) -> JobId {
+    let request =
+        SubmitRequest::new(kind, OWNER, serde_json::json!(null)).items(items.iter().copied());
+    lj.submit(request).await.unwrap().job.id
+}
+
+async fn wait_state(lj: &LongJob, id: JobId, state: JobState) -> longjob_core::Job {
+    for _ in 0..100_000 {
+        let job = lj.status(id, OWNER).await.unwrap();
+        if job.state == state {
+            return job;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("job never reached {state}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_attempts_follow_the_backoff_schedule() {
+    let lj = facade(config(4));
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let seen = Arc::clone(&starts);
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("flaky", move |ctx, _: serde_json::Value| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(Instant::now());
+                if ctx.attempt() < 4 {
+                    Err(JobError::network("connection reset"))
+                } else {
+                    Ok(None)
+                }
+            }
+        })
+        .start();
+    let id = submit(&lj, "flaky", &[]).await;
+    let job = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(job.attempt, 4);
+    let starts = starts.lock().unwrap().clone();
+    let gaps: Vec<u128> = starts
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_millis())
+        .collect();
+    // 1 s, 2 s, 4 s; a retry is claimed by a waiting worker within one claim wait.
+    for (gap, expected) in gaps.iter().zip([1000u128, 2000, 4000]) {
+        assert!(*gap >= expected && *gap <= expected + 600, "gaps {gaps:?}");
+    }
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_are_retried_then_fail_after_max_attempts() {
+    let mut cfg = config(3);
+    cfg.timeouts.job = Duration::from_secs(5);
+    let lj = facade(cfg);
+    let attempts = Arc::new(AtomicU32::new(0));
+    let counter = Arc::clone(&attempts);
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("slow", move |_, _: serde_json::Value| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+                Ok(None)
+            }
+        })
+        .start();
+    let started = Instant::now();
+    let id = submit(&lj, "slow", &[]).await;
+    let job = wait_state(&lj, id, JobState::Failed).await;
+    assert_eq!(job.attempt, 3);
+    assert_eq!(attempts.load(Ordering::SeqCst), 3);
+    assert_eq!(job.error.as_ref().unwrap().kind, ErrorKind::Timeout);
+    // Three timeouts of 5 s and backoffs of 1 s and 2 s.
+    assert!(
+        started.elapsed() >= Duration::from_secs(18),
+        "{:?}",
+        started.elapsed()
+    );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn validation_errors_and_bad_input_are_not_retried() {
+    let lj = facade(config(3));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("strict", |_, n: u32| async move {
+            if n == 0 {
+                Err(JobError::validation("zero is not allowed"))
+            } else {
+                Ok(None)
+            }
+        })
+        .start();
+    let zero = lj
+        .submit(SubmitRequest::new("strict", OWNER, serde_json::json!(0)))
+        .await
+        .unwrap()
+        .job
+        .id;
+    let text = lj
+        .submit(SubmitRequest::new("strict", OWNER, serde_json::json!("x")))
+        .await
+        .unwrap()
+        .job
+        .id;
+    for id in [zero, text] {
+        let job = wait_state(&lj, id, JobState::Failed).await;
+        assert_eq!(job.attempt, 1);
+        assert_eq!(job.error.unwrap().kind, ErrorKind::Validation);
+    }
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Worker A stalls (no heartbeat) past its lease; worker B takes the job over and completes it;
+/// A's late completion is rejected and its result discarded.
+#[tokio::test(start_paused = true)]
+async fn a_stalled_workers_job_is_finished_by_another_and_its_late_write_rejected() {
+    let lj = facade(config(3));
+    let release_a = Arc::new(tokio::sync::Notify::new());
+    let a_started = Arc::new(tokio::sync::Notify::new());
+    let mut stalled = worker_config();
+    stalled.lease_ttl = Duration::from_secs(2);
+    stalled.heartbeat_interval = Duration::from_secs(3600);
+    // Its one slot stays busy with the stalled handler, so it cannot claim the job back.
+    stalled.concurrency = 1;
+    let (release, started) = (Arc::clone(&release_a), Arc::clone(&a_started));
+    let worker_a = lj
+        .worker()
+        .config(stalled)
+        .handle("export", move |ctx, _: serde_json::Value| {
+            let (release, started) = (Arc::clone(&release), Arc::clone(&started));
+            async move {
+                started.notify_one();
+                release.notified().await;
+                let meta = ctx
+                    .blobs()
+                    .put(
+                        "results/a.zip",
+                        byte_stream(&b"from a"[..]),
+                        PutOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| JobError::storage(e.to_string()))?;
+                Ok(Some(JobResult {
+                    blob_key: meta.key,
+                    size: meta.size,
+                    file_name: "a.zip".into(),
+                    content_type: None,
+                }))
+            }
+        })
+        .start();
+    let id = submit(&lj, "export", &[]).await;
+    a_started.notified().await;
+    let running = lj.status(id, OWNER).await.unwrap();
+    assert_eq!((running.state, running.attempt), (JobState::Running, 1));
+
+    let worker_b = lj
+        .worker()
+        .config(worker_config())
+        .handle("export", |ctx, _: serde_json::Value| async move {
+            let meta = ctx
+                .blobs()
+                .put(
+                    "results/b.zip",
+                    byte_stream(&b"from b"[..]),
+                    PutOptions::default(),
+                )
+                .await
+                .map_err(|e| JobError::storage(e.to_string()))?;
+            Ok(Some(JobResult {
+                blob_key: meta.key,
+                size: meta.size,
+                file_name: "b.zip".into(),
+                content_type: None,
+            }))
+        })
+        .start();
+    let done = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(done.attempt, 2, "B's takeover is the second attempt");
+    assert_eq!(done.result.as_ref().unwrap().blob_key, "results/b.zip");
+
+    release_a.notify_one();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = lj.status(id, OWNER).await.unwrap();
+    assert_eq!(
+        after.result.unwrap().blob_key,
+        "results/b.zip",
+        "A's late write landed"
+    );
+    assert_eq!(
+        after.version, done.version,
+        "A wrote the job after losing its lease"
+    );
+    assert!(
+        lj.blobs().head("results/a.zip").await.unwrap().is_none(),
+        "A's unwanted result is deleted"
+    );
+    worker_a.shutdown(Duration::from_secs(1)).await;
+    worker_b.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A worker that dies mid-job (dropped, no ack) loses nothing: after the lease, another finishes.
+#[tokio::test(start_paused = true)]
+async fn a_crashed_workers_job_is_finished_by_another_after_the_lease() {
+    let lj = facade(config(3));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let signal = Arc::clone(&started);
+    let crashing = lj
+        .worker()
+        .config(worker_config())
+        .handle("export", move |_, _: serde_json::Value| {
+            let signal = Arc::clone(&signal);
+            async move {
+                signal.notify_one();
+                std::future::pending::<()>().await;
+                Ok(None)
+            }
+        })
+        .start();
+    let id = submit(&lj, "export", &["1", "2"]).await;
+    started.notified().await;
+    crashing.abort().await;
+    let survivor = lj
+        .worker()
+        .config(worker_config())
+        .handle("export", |ctx, _: serde_json::Value| async move {
+            for item in ctx.pending_items() {
+                ctx.item_completed(&item, 10).await;
+            }
+            Ok(None)
+        })
+        .start();
+    let job = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(job.attempt, 2);
+    assert_eq!(job.progress.current, 2);
+    assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
+    survivor.shutdown(Duration::from_secs(1)).await;
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A cancel accepted by one facade (another API process) stops the handler a worker of another
+/// facade runs, through the shared backends, within a second.
+#[tokio::test(start_paused = true)]
+async fn cancelling_a_running_job_stops_its_handler() {
+    let store = Arc::new(MemoryJobStore::new());
+    let queue = Arc::new(MemoryQueue::new());
+    let bus = Arc::new(MemoryProgressBus::default());
+    let blobs = Arc::new(MemoryBlobStore::new(UrlSigner::random("http://test/files")));
+    let process = || {
+        LongJob::builder()
+            .store(store.clone())
+            .queue(queue.clone())
+            .bus(bus.clone())
+            .blobs(blobs.clone())
+            .config(config(3))
+            .build()
+    };
+    let (api, workers) = (process(), process());
+    let stopped = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stopped);
+    let worker = workers
+        .worker()
+        .config(worker_config())
+        .handle("endless", move |ctx, _: serde_json::Value| {
+            let guard = SetOnDrop(Arc::clone(&flag));
+            async move {
+                let _guard = guard;
+                // Ignores the cancellation token on purpose: the runtime must stop it anyway.
+                for i in 0.. {
+                    ctx.progress(i, 1_000_000).await;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Ok(None)
+            }
+        })
+        .start();
+    let id = submit(&api, "endless", &[]).await;
+    wait_state(&api, id, JobState::Running).await;
+    let cancelled_at = Instant::now();
+    let job = api.cancel(id, OWNER).await.unwrap();
+    assert_eq!(job.state, JobState::Cancelled);
+    while !stopped.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(
+        cancelled_at.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        cancelled_at.elapsed()
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(worker.running(), 0);
+    assert_eq!(
+        api.status(id, OWNER).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert_eq!(
+        queue.stats().await.unwrap(),
+        QueueStats::default(),
+        "the lease was acked"
+    );
+    assert!(matches!(
+        api.cancel(id, OWNER).await,
+        Err(longjob_core::LongJobError::InvalidState { .. })
+    ));
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_running_jobs_finish_within_the_grace_period() {
+    let lj = facade(config(3));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("two-seconds", |_, _: serde_json::Value| async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(None)
+        })
+        .start();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&lj, "two-seconds", &[]).await);
+    }
+    for id in &ids {
+        wait_state(&lj, *id, JobState::Running).await;
+    }
+    worker.shutdown(Duration::from_secs(10)).await;
+    for id in ids {
+        assert_eq!(
+            lj.status(id, OWNER).await.unwrap().state,
+            JobState::Completed
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_past_the_grace_period_releases_jobs_without_counting_the_attempt() {
+    let lj = facade(config(3));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("long", |_, _: serde_json::Value| async {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok(None)
+        })
+        .start();
+    let id = submit(&lj, "long", &[]).await;
+    wait_state(&lj, id, JobState::Running).await;
+    worker.shutdown(Duration::from_secs(1)).await;
+    let released = lj.status(id, OWNER).await.unwrap();
+    assert_eq!(released.state, JobState::Retrying);
+    assert_eq!(
+        released.attempt, 0,
+        "the interrupted attempt is not counted"
+    );
+    assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
+    let next = lj
+        .worker()
+        .config(worker_config())
+        .handle("long", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    let done = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(done.attempt, 1);
+    next.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A failed item makes the attempt fail; the retry (automatic, then manual) redoes only it.
+#[tokio::test(start_paused = true)]
+async fn a_retry_redoes_only_the_items_that_did_not_complete() {
+    let lj = facade(config(2));
+    let processed = Arc::new(Mutex::new(Vec::<(u32, String)>::new()));
+    let log = Arc::clone(&processed);
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("files", move |ctx, _: serde_json::Value| {
+            let log = Arc::clone(&log);
+            async move {
+                let mut failed = false;
+                for item in ctx.pending_items() {
+                    log.lock().unwrap().push((ctx.attempt(), item.clone()));
+                    // "b" fails on attempts 1 and 2, succeeds on the third (after a manual retry).
+                    if item == "b" && ctx.attempt() < 3 {
+                        ctx.item_failed(&item, "source unreachable").await;
+                        failed = true;
+                    } else if item == "c" {
+                        ctx.item_skipped(&item, "not available").await;
+                    } else {
+                        ctx.item_completed(&item, 100).await;
+                    }
+                }
+                if failed {
+                    Err(JobError::network("some files failed"))
+                } else {
+                    Ok(None)
+                }
+            }
+        })
+        .start();
+    let id = submit(&lj, "files", &["a", "b", "c"]).await;
+    let failed = wait_state(&lj, id, JobState::Failed).await;
+    assert_eq!(failed.attempt, 2);
+    assert_eq!(
+        failed.progress.current, 3,
+        "a finished job shows every item processed"
+    );
+    let retried = lj.retry(id, OWNER).await.unwrap();
+    assert_eq!(retried.state, JobState::Queued);
+    let done = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(done.attempt, 3);
+    let log = processed.lock().unwrap().clone();
+    let of = |attempt: u32| {
+        log.iter()
+            .filter(|(a, _)| *a == attempt)
+            .map(|(_, i)| i.as_str())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(of(1), ["a", "b", "c"]);
+    assert_eq!(of(2), ["b"]);
+    assert_eq!(of(3), ["b"]);
+    assert_eq!(done.progress.bytes_done, 200);
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_events_are_rate_limited_and_the_final_state_is_published() {
+    let lj = facade(config(1));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("tight", |ctx, _: serde_json::Value| async move {
+            for i in 1..=10_000 {
+                ctx.progress(i, 10_000).await;
+            }
+            Ok(None)
+        })
+        .start();
+    let id = submit(&lj, "tight", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    let mut types = Vec::new();
+    while let Some(Ok(event)) = events.next().await {
+        types.push(event.payload.type_name());
+        if event.is_terminal() {
+            break;
+        }
+    }
+    let progress_events = types.iter().filter(|t| **t == "progress").count();
+    assert!(
+        progress_events <= 2,
+        "{progress_events} progress events for a loop that took no time"
+    );
+    assert_eq!(types.first(), Some(&"status"));
+    assert_eq!(types.last(), Some(&"completed"));
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Counts the queue calls of a wrapped queue: a decorator, as any backend can be wrapped.
+#[derive(Debug)]
+struct CountingQueue {
+    inner: MemoryQueue,
+    extend_calls: AtomicUsize,
+    largest_extend: AtomicUsize,
+}
+
+#[async_trait]
+impl Queue for CountingQueue {
+    async fn push(&self, job: JobId, delay: Duration) -> BackendResult<()> {
+        self.inner.push(job, delay).await
+    }
+    async fn claim(&self, max: usize, ttl: Duration, wait: Duration) -> BackendResult<Vec<Lease>> {
+        self.inner.claim(max, ttl, wait).await
+    }
+    async fn extend(&self, leases: &[Lease], ttl: Duration) -> BackendResult<Vec<bool>> {
+        self.extend_calls.fetch_add(1, Ordering::SeqCst);
+        self.largest_extend
+            .fetch_max(leases.len(), Ordering::SeqCst);
+        self.inner.extend(leases, ttl).await
+    }
+    async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
+        self.inner.ack(lease).await
+    }
+    async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
+        self.inner.requeue(lease, delay).await
+    }
+    async fn stats(&self) -> BackendResult<QueueStats> {
+        self.inner.stats().await
+    }
+    async fn health(&self) -> BackendResult<()> {
+        self.inner.health().await
+    }
+}
+
+/// Twenty jobs that outlive their lease several times: one extend call per heartbeat carries all
+/// twenty leases, and no lease is lost.
+#[tokio::test(start_paused = true)]
+async fn one_extend_call_per_heartbeat_keeps_every_lease() {
+    let queue = Arc::new(CountingQueue {
+        inner: MemoryQueue::new(),
+        extend_calls: AtomicUsize::new(0),
+        largest_extend: AtomicUsize::new(0),
+    });
+    let lj = LongJob::builder()
+        .queue(queue.clone())
+        .config(config(1))
+        .build();
+    let mut cfg = worker_config();
+    cfg.concurrency = 20;
+    let worker = lj
+        .worker()
+        .config(cfg)
+        .handle("long", |_, _: serde_json::Value| async {
+            tokio::time::sleep(Duration::from_secs(35)).await;
+            Ok(None)
+        })
+        .start();
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        ids.push(submit(&lj, "long", &[]).await);
+    }
+    for id in &ids {
+        let job = wait_state(&lj, *id, JobState::Completed).await;
+        assert_eq!(job.attempt, 1, "a lease was lost and the job ran twice");
+    }
+    let calls = queue.extend_calls.load(Ordering::SeqCst);
+    assert!(
+        (10..=14).contains(&calls),
+        "{calls} extend calls over ~35 s at a 3 s heartbeat"
+    );
+    assert_eq!(queue.largest_extend.load(Ordering::SeqCst), 20);
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn completed_event_carries_a_working_download_url() {
+    let lj = facade(config(1));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("zip", |ctx, _: serde_json::Value| async move {
+            let meta = ctx
+                .blobs()
+                .put(
+                    "results/r.zip",
+                    byte_stream(&b"PK..."[..]),
+                    PutOptions::default(),
+                )
+                .await
+                .map_err(|e| JobError::storage(e.to_string()))?;
+            Ok(Some(JobResult {
+                blob_key: meta.key,
+                size: meta.size,
+                file_name: "r.zip".into(),
+                content_type: Some("application/zip".into()),
+            }))
+        })
+        .start();
+    let id = submit(&lj, "zip", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    let completed = loop {
+        let event = events.next().await.unwrap().unwrap();
+        if event.is_terminal() {
+            break event;
+        }
+    };
+    match completed.payload {
+        EventPayload::Completed {
+            download_url, size, ..
+        } => {
+            assert!(
+                download_url
+                    .unwrap()
+                    .starts_with("http://test/files/results/r.zip?expires=")
+            );
+            assert_eq!(size, Some(5));
+        }
+        other => panic!("{other:?}"),
+    }
+    let url = lj.download_url(id, OWNER).await.unwrap();
+    assert_eq!((url.size, url.file_name.as_str()), (5, "r.zip"));
+    worker.shutdown(Duration::from_secs(1)).await;
+}
