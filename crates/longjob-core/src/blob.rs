@@ -155,7 +155,8 @@ pub fn validate_key(key: &str) -> BackendResult<()> {
 }
 
 /// Clamps a requested byte range to an object of `size` bytes; `None` when it does not overlap.
-pub(crate) fn clamp_range(range: Option<Range<u64>>, size: u64) -> Option<Range<u64>> {
+/// Every store answers ranges this way.
+pub fn clamp_range(range: Option<Range<u64>>, size: u64) -> Option<Range<u64>> {
     let range = range.unwrap_or(0..size);
     let end = range.end.min(size);
     if range.start >= end && !(size == 0 && range.start == 0) {

@@ -677,11 +677,17 @@ impl LongJob {
                 return Ok(purged);
             }
             purged += jobs.len();
+            // The records are gone already: a failed delete is logged and the rest go on, so one
+            // bad object does not orphan a whole batch (a storage lifecycle rule catches strays).
             for job in jobs {
                 if let Some(result) = &job.result {
-                    self.inner.blobs.delete(&result.blob_key).await?;
+                    if let Err(e) = self.inner.blobs.delete(&result.blob_key).await {
+                        tracing::warn!(job_id = %job.id, key = %result.blob_key, error = %e, "result not deleted");
+                    }
                 }
-                self.inner.bus.purge(job.id).await?;
+                if let Err(e) = self.inner.bus.purge(job.id).await {
+                    tracing::warn!(job_id = %job.id, error = %e, "events not purged");
+                }
             }
         }
     }

@@ -642,3 +642,23 @@ async fn completed_event_carries_a_working_download_url() {
     assert_eq!((url.size, url.file_name.as_str()), (5, "r.zip"));
     worker.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A queue whose tokens went backwards (reset behind the store's back) fails the job loudly
+/// instead of dropping it or looping on it.
+#[tokio::test(start_paused = true)]
+async fn a_fencing_token_older_than_the_jobs_fails_the_job_instead_of_losing_it() {
+    let lj = facade(config(3));
+    let mut job = longjob_core::Job::new("k", OWNER, serde_json::json!(null));
+    job.lease_token = 1_000;
+    lj.store().insert(&job, Duration::ZERO).await.unwrap();
+    lj.queue().push(job.id, Duration::ZERO).await.unwrap();
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("k", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    let failed = wait_state(&lj, job.id, JobState::Failed).await;
+    assert!(failed.error.unwrap().message.contains("fencing token"));
+    assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
+    worker.shutdown(Duration::from_secs(1)).await;
+}

@@ -27,11 +27,13 @@ struct Inner {
     jobs: HashMap<JobId, Channel>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Channel {
     last_seq: u64,
     retained: VecDeque<JobEvent>,
-    live: broadcast::Sender<JobEvent>,
+    /// Created by the first subscriber and dropped when none is left, so a job nobody follows
+    /// costs no channel.
+    live: Option<broadcast::Sender<JobEvent>>,
 }
 
 impl Default for MemoryProgressBus {
@@ -117,11 +119,7 @@ impl Subscription {
 impl ProgressBus for MemoryProgressBus {
     async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
         let mut inner = lock(&self.inner);
-        let channel = inner.jobs.entry(job).or_insert_with(|| Channel {
-            last_seq: 0,
-            retained: VecDeque::new(),
-            live: broadcast::channel(LIVE_BUFFER).0,
-        });
+        let channel = inner.jobs.entry(job).or_default();
         channel.last_seq += 1;
         let event = JobEvent {
             seq: channel.last_seq,
@@ -133,25 +131,29 @@ impl ProgressBus for MemoryProgressBus {
             channel.retained.pop_front();
         }
         channel.retained.push_back(event.clone());
-        // Sent under the lock, so live events leave in seq order; no receiver is not an error.
-        let _ = channel.live.send(event.clone());
+        // Sent under the lock, so live events leave in seq order.
+        if let Some(live) = &channel.live {
+            if live.send(event.clone()).is_err() {
+                channel.live = None;
+            }
+        }
         Ok(event)
     }
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
         let mut inner = lock(&self.inner);
         let replay = Self::retained_after(&inner, job, after_seq);
-        let channel = inner.jobs.entry(job).or_insert_with(|| Channel {
-            last_seq: 0,
-            retained: VecDeque::new(),
-            live: broadcast::channel(LIVE_BUFFER).0,
-        });
+        let channel = inner.jobs.entry(job).or_default();
+        let live = channel
+            .live
+            .get_or_insert_with(|| broadcast::channel(LIVE_BUFFER).0)
+            .subscribe();
         let subscription = Subscription {
             inner: Arc::clone(&self.inner),
             job,
             last_seq: after_seq,
             replay,
-            live: channel.live.subscribe(),
+            live,
         };
         drop(inner);
         Ok(futures::stream::unfold(subscription, |mut s| async move {

@@ -58,10 +58,29 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
     };
-    if job.state.is_terminal() || job.lease_token > lease.token {
-        // Cancelled while queued, or a newer lease owns it.
+    if job.state.is_terminal() {
+        // Cancelled while queued, or a duplicate delivery of a finished job.
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
+    }
+    if job.lease_token > lease.token {
+        let ours = [lease];
+        let held = persist(shared, || queue.extend(&ours, shared.config.lease_ttl)).await?;
+        if held.first() != Some(&true) {
+            // A newer lease owns the job; ours was revoked.
+            return Ok(());
+        }
+        // We hold the newest lease, yet the job carries a larger token: the queue's token counter
+        // went backwards (its data was reset behind the store's back). Fail loudly rather than
+        // loop or drop the job.
+        tracing::error!(
+            stored = job.lease_token,
+            "fencing token older than the job's: was the queue reset?"
+        );
+        let error = JobError::internal(
+            "the queue issued a fencing token older than the job's; was the queue's data reset?",
+        );
+        return finish_start_failure(shared, lease, job, error).await;
     }
     let now = Utc::now();
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
@@ -80,8 +99,8 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     job = match persist(shared, || lj.store().update(&job)).await {
         Ok(job) => job,
         Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
-            // Someone wrote the job since we read it (a cancel, a newer lease): look again later.
-            persist(shared, || queue.requeue(&lease, Duration::ZERO)).await?;
+            // Someone wrote the job since we read it (a cancel, a newer lease): look again shortly.
+            persist(shared, || queue.requeue(&lease, Duration::from_millis(50))).await?;
             return Ok(());
         }
         Err(e) => return Err(e),
@@ -143,10 +162,11 @@ async fn finish_start_failure(
 ) -> Result<(), BackendError> {
     let lj = &shared.lj;
     let now = Utc::now();
+    let stored_token = job.lease_token;
     if job.state != JobState::Running {
         let _ = job.start(lease.token, now);
     }
-    job.lease_token = job.lease_token.max(lease.token);
+    job.lease_token = stored_token.max(lease.token);
     if job.fail(error.clone(), now).is_ok() {
         match persist(shared, || lj.store().update(&job)).await {
             Ok(job) => {
