@@ -149,7 +149,10 @@ impl BlobStore for LocalDiskBlobStore {
     }
 
     async fn health(&self) -> BackendResult<()> {
-        let probe = self.root.join(".health");
+        // A name of its own per probe, so concurrent checks do not remove each other's file.
+        let probe = self
+            .root
+            .join(format!(".health-{:016x}", rand::random::<u64>()));
         tokio::fs::write(&probe, b"ok").await.map_err(io_error)?;
         tokio::fs::remove_file(&probe).await.map_err(io_error)
     }

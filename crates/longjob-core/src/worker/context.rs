@@ -54,6 +54,8 @@ pub(crate) struct Tracked {
     pub(crate) items: Vec<ItemRecord>,
     pub(crate) progress: Progress,
     pub(crate) last_event: Option<Instant>,
+    /// A progress change happened that no event has carried yet (rate limit).
+    pub(crate) unsent: bool,
     pub(crate) last_flush: Instant,
     pub(crate) dirty: bool,
 }
@@ -192,6 +194,7 @@ impl JobContext {
             if event {
                 t.last_event = Some(now);
             }
+            t.unsent = !event;
             let flush = now.duration_since(t.last_flush) >= self.inner.flush_interval;
             (event.then_some(t.progress), flush)
         };
@@ -208,6 +211,27 @@ impl JobContext {
         }
         if flush {
             self.flush().await;
+        }
+    }
+
+    /// Publishes the latest progress if the rate limit held it back, so subscribers see the
+    /// last report before the attempt's end.
+    pub(crate) async fn publish_unsent_progress(&self) {
+        let progress = {
+            let mut t = lock(&self.inner.state);
+            if !std::mem::take(&mut t.unsent) {
+                return;
+            }
+            t.progress
+        };
+        if let Err(e) = self
+            .inner
+            .lj
+            .bus()
+            .publish(self.inner.job_id, EventPayload::Progress { progress })
+            .await
+        {
+            tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress event not published");
         }
     }
 

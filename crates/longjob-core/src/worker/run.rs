@@ -129,6 +129,7 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
             items: job.items.clone(),
             progress: job.progress,
             last_event: None,
+            unsent: false,
             last_flush: started,
             dirty: false,
         }),
@@ -145,6 +146,9 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         },
         () = ctx.cancellation().cancelled() => Outcome::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)),
     };
+    if matches!(outcome, Outcome::Done(_)) {
+        ctx.publish_unsent_progress().await;
+    }
     // A handler that returned after being stopped is treated as stopped.
     let outcome = match (outcome, ctx.stop_reason()) {
         (Outcome::Done(_), Some(reason)) => Outcome::Stopped(reason),

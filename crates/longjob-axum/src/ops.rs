@@ -1,0 +1,222 @@
+//! Operations routes: `/health`, `/metrics`, `/openapi.json` (and `/openapi`), `/docs`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{Html, IntoResponse, Response};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+use crate::AppState;
+
+/// The answer of `/health`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct HealthBody {
+    /// `healthy` or `unhealthy`.
+    #[schema(example = "healthy")]
+    pub status: &'static str,
+    /// `ok` or `error` per check: `storage`, `store`, `queue`, `bus`.
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub checks: BTreeMap<&'static str, &'static str>,
+    /// What failed, per failing check.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(value_type = BTreeMap<String, String>)]
+    pub error: BTreeMap<&'static str, String>,
+}
+
+/// `GET /health`
+#[utoipa::path(get, path = "/health", tag = "Health",
+    summary = "Health of the service and its backends",
+    responses(
+        (status = 200, description = "Every backend answers", body = HealthBody),
+        (status = 503, description = "A backend does not answer", body = HealthBody),
+    ))]
+pub(crate) async fn health(State(state): State<AppState>) -> Response {
+    // One check at a time, and its answer reused for a second: probes and load balancers
+    // may call this as often as they like without loading the backends.
+    let mut cached = state.health.lock().await;
+    let (code, bytes) = match cached.as_ref() {
+        Some((at, code, bytes)) if at.elapsed() < HEALTH_TTL => (*code, bytes.clone()),
+        _ => {
+            let (code, bytes) = check_health(&state).await;
+            *cached = Some((Instant::now(), code, bytes.clone()));
+            (code, bytes)
+        }
+    };
+    drop(cached);
+    let mut res = (code, bytes).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+/// How long a health answer is reused.
+const HEALTH_TTL: Duration = Duration::from_secs(1);
+
+/// The last health answer: when, its status, its body.
+pub(crate) type HealthCache = tokio::sync::Mutex<Option<(Instant, StatusCode, Bytes)>>;
+
+async fn check_health(state: &AppState) -> (StatusCode, Bytes) {
+    let report = state.lj.health(Duration::from_secs(3)).await;
+    let mut body = HealthBody {
+        status: "healthy",
+        checks: BTreeMap::new(),
+        error: BTreeMap::new(),
+    };
+    let checks = [
+        ("storage", report.storage),
+        ("store", report.store),
+        ("queue", report.queue),
+        ("bus", report.bus),
+    ];
+    for (name, result) in checks {
+        match result {
+            Ok(()) => {
+                body.checks.insert(name, "ok");
+            }
+            Err(e) => {
+                tracing::warn!(check = name, error = %e, "health check failed");
+                body.checks.insert(name, "error");
+                body.error.insert(name, e);
+                body.status = "unhealthy";
+            }
+        }
+    }
+    let code = if body.status == "healthy" {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        code,
+        Bytes::from(serde_json::to_vec(&body).unwrap_or_default()),
+    )
+}
+
+/// `GET /metrics`
+#[utoipa::path(get, path = "/metrics", tag = "Health",
+    summary = "Prometheus metrics",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain; version=0.0.4", body = String)))]
+pub(crate) async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+struct Security;
+
+impl Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API key of API_KEYS (the owner of the jobs); not needed when none is configured",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "longjob download API", version = "1.0.0",
+        description = "Slow downloads as background jobs: initiate, follow by WebSocket, Server-Sent Events or polling, download through a presigned URL. Every error is `{\"error\": {\"code\", \"message\", \"details\"}, \"requestId\"}`; every response carries `X-Request-ID`; rate-limited answers carry `Retry-After` and `RateLimit-*`."),
+    paths(
+        crate::downloads::initiate, crate::downloads::check, crate::downloads::start,
+        crate::jobs::status, crate::jobs::retry, crate::jobs::cancel, crate::jobs::download_url,
+        crate::stream::sse, crate::stream::websocket, crate::files::serve,
+        health, metrics, openapi, docs,
+    ),
+    components(schemas(
+        crate::ErrorBody, crate::ErrorDetail,
+        crate::jobs::JobStatusBody, crate::jobs::ProgressBody, crate::jobs::FileBody, crate::jobs::ErrorKindBody,
+        crate::jobs::RetryBody, crate::jobs::CancelBody, crate::jobs::DownloadUrlBody,
+        crate::downloads::InitiateRequest, crate::downloads::InitiateResponse,
+        crate::downloads::FileIdRequest, crate::downloads::CheckResponse, crate::downloads::StartResponse,
+        HealthBody,
+    )),
+    modifiers(&Security),
+    tags((name = "Download", description = "The endpoints of the replaced service, same field names"),
+         (name = "Jobs", description = "Status, retry, cancel, download URL"),
+         (name = "Streams", description = "Live progress"),
+         (name = "Files", description = "Signed downloads of the built-in blob stores"),
+         (name = "Health", description = "Probes and metrics"),
+         (name = "Docs", description = "This document")),
+)]
+struct ApiDoc;
+
+/// The OpenAPI document with the job routes under `prefix`, and without the routes not mounted.
+pub(crate) fn document(state: &AppState) -> utoipa::openapi::OpenApi {
+    let mut doc = ApiDoc::openapi();
+    let prefix = state.config.prefix.as_str();
+    let paths = std::mem::take(&mut doc.paths.paths);
+    for (path, item) in paths {
+        let Some(rest) = path.strip_prefix("/v1/download") else {
+            doc.paths.paths.insert(path, item);
+            continue;
+        };
+        let legacy = ["/initiate", "/check", "/start"].contains(&rest);
+        if (legacy && state.downloads.is_none())
+            || (rest.starts_with("/files") && state.files.is_none())
+        {
+            continue;
+        }
+        doc.paths.paths.insert(format!("{prefix}{rest}"), item);
+    }
+    doc
+}
+
+/// `GET /openapi.json` and `GET /openapi`
+#[utoipa::path(get, path = "/openapi.json", tag = "Docs",
+    summary = "This OpenAPI document (also at /openapi)",
+    responses((status = 200, description = "OpenAPI 3", content_type = "application/json", body = Object)))]
+pub(crate) async fn openapi(State(state): State<AppState>) -> Response {
+    let doc = document(&state);
+    match serde_json::to_vec(&doc) {
+        Ok(bytes) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => crate::ApiError::internal().into_response(),
+    }
+}
+
+/// `GET /docs`
+#[utoipa::path(get, path = "/docs", tag = "Docs",
+    summary = "A reference page rendering the OpenAPI document",
+    responses((status = 200, description = "HTML", content_type = "text/html", body = String)))]
+pub(crate) async fn docs() -> Response {
+    let mut res = Html(DOCS_HTML).into_response();
+    res.headers_mut().insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'",
+        ),
+    );
+    res
+}
+
+const DOCS_HTML: &str = include_str!("docs.html");
