@@ -5,6 +5,16 @@
 //! ```
 //! `process_per_s` is N over the time from the worker's start until the store shows all N jobs
 //! completed; `enqueue_per_s` is N over the time to submit them (in batches of 1000).
+//!
+//! `--peers` then runs, as child processes, the other job systems on the same backend (see
+//! [`peers`]: BullMQ and apalis-redis for redis; graphile-worker, pg-boss and apalis-postgres for
+//! postgres; both sets for memory, to try them) and prints a Markdown table after longjob's JSON
+//! line, with longjob's `process_per_s` ratio to each peer. Peers find their servers through
+//! `--redis-url` / `--database-url` (else `REDIS_URL` / `DATABASE_URL`, else loopback defaults).
+
+mod peers;
+mod pg_stats;
+mod redis_stats;
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -19,11 +29,26 @@ struct Args {
     jobs: usize,
     concurrency: usize,
     progress: u64,
+    peers: bool,
+    redis_url: String,
+    database_url: String,
+    /// Seconds each peer may run before it reports a failure.
+    peer_timeout: u64,
+    /// `--peer-set redis|postgres|all`: the peers to run instead of the backend's own.
+    peer_set: Option<String>,
+}
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_string())
 }
 
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory"
     );
     ExitCode::from(2)
@@ -38,8 +63,17 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         jobs: 20_000,
         concurrency: 50,
         progress: 0,
+        peers: false,
+        redis_url: env_or("REDIS_URL", "redis://127.0.0.1:6379"),
+        database_url: env_or("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+        peer_timeout: 900,
+        peer_set: None,
     };
     while let Some(flag) = argv.next() {
+        if flag == "--peers" {
+            args.peers = true;
+            continue;
+        }
         let value = argv.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
@@ -51,23 +85,34 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--jobs" => args.jobs = number()? as usize,
             "--concurrency" => args.concurrency = number()?.max(1) as usize,
             "--progress" => args.progress = number()?,
+            "--redis-url" => args.redis_url = value.clone(),
+            "--database-url" => args.database_url = value.clone(),
+            "--peer-timeout" => args.peer_timeout = number()?,
+            "--peer-set" => {
+                if peers::PeerSet::named(&value).is_none() {
+                    return Err(format!("--peer-set {value}: redis, postgres or all"));
+                }
+                args.peer_set = Some(value.clone());
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
     Ok(args)
 }
 
-fn facade(backend: &str) -> Result<LongJob, String> {
+/// The facade under test: one match arm per backend (async, for backends that connect first;
+/// `args` carries `redis_url` and `database_url`).
+async fn facade(args: &Args) -> Result<LongJob, String> {
     let mut config = LongJobConfig::default();
     config.jobs_per_hour = None;
-    match backend {
+    match args.backend.as_str() {
         "memory" => Ok(LongJob::builder().config(config).build()),
         other => Err(format!("backend {other:?} is not available in this build")),
     }
 }
 
 async fn throughput(args: &Args) -> Result<serde_json::Value, String> {
-    let lj = facade(&args.backend)?;
+    let lj = facade(args).await?;
     let requests: Vec<SubmitRequest> = (0..args.jobs)
         .map(|i| SubmitRequest::new("noop", OWNER, serde_json::json!(i)).max_attempts(1))
         .collect();
@@ -115,8 +160,8 @@ async fn throughput(args: &Args) -> Result<serde_json::Value, String> {
         "jobs": args.jobs,
         "concurrency": args.concurrency,
         "progress": args.progress,
-        "enqueue_per_s": (args.jobs as f64 / enqueue_s).round(),
-        "process_per_s": (args.jobs as f64 / process_s).round(),
+        "enqueue_per_s": (args.jobs as f64 / enqueue_s).round() as u64,
+        "process_per_s": (args.jobs as f64 / process_s).round() as u64,
     }))
 }
 
@@ -142,16 +187,69 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(throughput(&args)) {
-        Ok(line) => {
-            println!("{line}");
-            ExitCode::SUCCESS
-        }
+    // On Redis, the server's command count before and after (INFO commandstats); on PostgreSQL,
+    // the database's transaction count.
+    let before = (args.backend == "redis").then(|| redis_stats::command_calls(&args.redis_url));
+    let pg_before =
+        (args.backend == "postgres").then(|| pg_stats::transactions(&args.database_url));
+    let mut line = match runtime.block_on(throughput(&args)) {
+        Ok(line) => line,
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::FAILURE
+            return ExitCode::FAILURE;
         }
+    };
+    match before {
+        Some(Ok(before)) => match redis_stats::command_calls(&args.redis_url) {
+            Ok(after) => {
+                line["redis_commands_per_job"] =
+                    peers::per_job(after.saturating_sub(before), args.jobs)
+            }
+            Err(e) => eprintln!("redis commands per job: {e}"),
+        },
+        Some(Err(e)) => eprintln!("redis commands per job: {e}"),
+        None => {}
     }
+    drop(runtime);
+    match pg_before {
+        Some(Ok(before)) => match pg_stats::after(&args.database_url) {
+            Ok(after) => {
+                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs)
+            }
+            Err(e) => eprintln!("PostgreSQL transactions per job: {e}"),
+        },
+        Some(Err(e)) => eprintln!("PostgreSQL transactions per job: {e}"),
+        None => {}
+    }
+    println!("{line}");
+    if args.peers {
+        run_peers(&args, &line);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Runs the peers of `args.backend` one after the other and prints the table on stdout.
+fn run_peers(args: &Args, longjob: &serde_json::Value) {
+    let env = peers::Env {
+        peers_dir: std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("peers"),
+        redis_url: args.redis_url.clone(),
+        database_url: args.database_url.clone(),
+        concurrency: args.concurrency,
+        progress: args.progress,
+        timeout_s: args.peer_timeout,
+        apalis: std::cell::OnceCell::new(),
+    };
+    let sets = match &args.peer_set {
+        Some(name) => peers::PeerSet::named(name).unwrap_or_default(),
+        None => peers::PeerSet::for_backend(&args.backend),
+    };
+    let results: Vec<serde_json::Value> = sets
+        .into_iter()
+        .flat_map(|set| peers::plan(set, args.jobs, args.progress))
+        .map(|run| peers::run_one(&run, &env))
+        .collect();
+    println!();
+    print!("{}", peers::table(longjob, &results));
 }
 
 #[cfg(test)]
@@ -168,6 +266,23 @@ mod tests {
         };
         let args = parse(argv("throughput --jobs 10 --concurrency 2 --progress 3")).unwrap();
         assert_eq!((args.jobs, args.concurrency, args.progress), (10, 2, 3));
+        assert!(!args.peers);
+        let args = parse(argv(
+            "throughput --peers --redis-url redis://h:1 --database-url postgres://h/db --peer-timeout 5",
+        ))
+        .unwrap();
+        assert!(args.peers);
+        assert_eq!(args.redis_url, "redis://h:1");
+        assert_eq!(args.database_url, "postgres://h/db");
+        assert_eq!(args.peer_timeout, 5);
+        assert!(parse(argv("throughput --peer-set mysql")).is_err());
+        assert_eq!(
+            parse(argv("throughput --peer-set redis"))
+                .unwrap()
+                .peer_set
+                .as_deref(),
+            Some("redis")
+        );
         assert!(parse(argv("throughput --jobs x")).is_err());
         assert!(parse(argv("throughput --nope 1")).is_err());
         assert!(parse(argv("other")).is_err());

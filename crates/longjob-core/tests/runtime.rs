@@ -669,3 +669,99 @@ async fn a_fencing_token_older_than_the_jobs_fails_the_job_instead_of_losing_it(
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
     worker.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A store that performs the first completing write but loses its answer, as a store that dies
+/// between writing and answering.
+#[derive(Debug, Default)]
+struct LosesAnAnswer {
+    inner: MemoryJobStore,
+    lost: AtomicBool,
+}
+
+#[async_trait]
+impl longjob_core::JobStore for LosesAnAnswer {
+    async fn insert(
+        &self,
+        job: &longjob_core::Job,
+        ttl: Duration,
+    ) -> BackendResult<longjob_core::store::Inserted> {
+        self.inner.insert(job, ttl).await
+    }
+    async fn get(&self, id: JobId) -> BackendResult<Option<longjob_core::Job>> {
+        self.inner.get(id).await
+    }
+    async fn update(&self, job: &longjob_core::Job) -> BackendResult<longjob_core::Job> {
+        let written = self.inner.update(job).await?;
+        if job.state == JobState::Completed && !self.lost.swap(true, Ordering::SeqCst) {
+            return Err(longjob_core::BackendError::Unavailable {
+                backend: "test",
+                message: "connection reset after the write".into(),
+                source: None,
+            });
+        }
+        Ok(written)
+    }
+    async fn list_by_owner(
+        &self,
+        owner: &str,
+        limit: usize,
+    ) -> BackendResult<Vec<longjob_core::Job>> {
+        self.inner.list_by_owner(owner, limit).await
+    }
+    async fn find_by_idempotency_key(
+        &self,
+        owner: &str,
+        key: &str,
+    ) -> BackendResult<Option<longjob_core::Job>> {
+        self.inner.find_by_idempotency_key(owner, key).await
+    }
+    async fn count_by_owner(
+        &self,
+        owner: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> BackendResult<longjob_core::store::OwnerCounts> {
+        self.inner.count_by_owner(owner, since).await
+    }
+    async fn purge_finished(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> BackendResult<Vec<longjob_core::Job>> {
+        self.inner.purge_finished(before, limit).await
+    }
+    async fn health(&self) -> BackendResult<()> {
+        Ok(())
+    }
+}
+
+/// The completing write lands but its answer is lost: the retry recognises its own write, so the
+/// job completes once and its `completed` event is still published.
+#[tokio::test(start_paused = true)]
+async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_announced() {
+    let lj = LongJob::builder()
+        .store(Arc::new(LosesAnAnswer::default()))
+        .config(config(3))
+        .build();
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("k", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    let id = submit(&lj, "k", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    let terminal = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let event = events.next().await.unwrap().unwrap();
+            if event.is_terminal() {
+                break event;
+            }
+        }
+    })
+    .await
+    .expect("no terminal event was published");
+    assert_eq!(terminal.payload.type_name(), "completed");
+    let job = lj.status(id, OWNER).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Completed, 1));
+    assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
+    worker.shutdown(Duration::from_secs(1)).await;
+}

@@ -70,6 +70,13 @@ pub struct Config {
     /// Path-style S3 URLs.
     #[arg(long, env = "S3_FORCE_PATH_STYLE", value_parser = parse_bool, action = clap::ArgAction::Set)]
     pub s3_force_path_style: Option<bool>,
+    /// The bucket the download files (`downloads/<id>.zip`) are read from (default: S3_BUCKET_NAME).
+    #[arg(long, env = "S3_SOURCE_BUCKET")]
+    pub s3_source_bucket: Option<String>,
+    /// With S3: how often result objects older than the retention are swept from `results/`
+    /// (catches results no job refers to any more, e.g. after a restart; 0: never).
+    #[arg(long, env = "S3_SWEEP_INTERVAL_SECS", default_value_t = 3600)]
+    pub s3_sweep_interval_secs: u64,
     /// Redis for queue, bus and store.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
@@ -103,6 +110,12 @@ pub struct Config {
     /// The secret signing local download URLs (default: random per process).
     #[arg(long, env = "SIGNING_SECRET", hide_env_values = true)]
     pub signing_secret: Option<String>,
+    /// How long finished jobs and their results are kept before they are purged.
+    #[arg(long, env = "RETENTION_SECS", default_value_t = 86_400)]
+    pub retention_secs: u64,
+    /// How often the worker purges finished jobs past the retention (0: never).
+    #[arg(long, env = "PURGE_INTERVAL_SECS", default_value_t = 60)]
+    pub purge_interval_secs: u64,
     /// On SIGTERM/Ctrl-C, how long running jobs may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,

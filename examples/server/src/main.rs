@@ -5,6 +5,7 @@ mod backends;
 mod config;
 mod job;
 mod mock;
+mod s3;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -101,6 +102,8 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     lj_config.max_active_per_owner =
         (config.max_active_jobs_per_owner > 0).then_some(config.max_active_jobs_per_owner);
     lj_config.timeouts.job = Config::ms(config.job_timeout_ms);
+    let retention = Duration::from_secs(config.retention_secs.max(1));
+    lj_config.retention = retention;
     let lj = LongJob::builder()
         .store(Arc::clone(&backends.store))
         .queue(Arc::clone(&backends.queue))
@@ -114,6 +117,9 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     worker_config.concurrency = config.worker_concurrency.max(1);
     // A progress event per file, however fast files go.
     worker_config.progress_interval = Duration::ZERO;
+    // Finished jobs past the retention are purged with their results (BlobStore::delete).
+    worker_config.purge_interval =
+        (config.purge_interval_secs > 0).then(|| Duration::from_secs(config.purge_interval_secs));
     let worker = (config.worker_concurrency > 0).then(|| {
         let env = Arc::new(job::DownloadEnv {
             source: Arc::clone(&source),
@@ -183,6 +189,19 @@ async fn run(config: Config) -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let stop = CancellationToken::new();
+    if let Some(results) = backends.s3_results.clone() {
+        if let Err(e) = longjob_core::BlobStore::health(&results).await {
+            tracing::warn!("S3 storage does not answer as expected (see /health): {e}");
+        }
+        if config.s3_sweep_interval_secs > 0 {
+            s3::spawn_sweep(
+                results,
+                retention,
+                Duration::from_secs(config.s3_sweep_interval_secs),
+                stop.clone(),
+            );
+        }
+    }
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {

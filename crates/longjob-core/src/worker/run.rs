@@ -50,6 +50,46 @@ where
     }
 }
 
+/// Writes `job` with compare-and-set, retrying transient errors. A retry that meets a conflict
+/// may be meeting our own first write, which landed before its answer was lost: when the stored
+/// job is exactly that write, it counts as done.
+async fn persist_update(shared: &Shared, job: &Job) -> Result<Job, BackendError> {
+    let store = shared.lj.store();
+    let mut retried = false;
+    let give_up = Instant::now() + shared.config.lease_ttl;
+    let mut failures = 0;
+    loop {
+        match store.update(job).await {
+            Err(e) if e.is_transient() && Instant::now() < give_up => {
+                retried = true;
+                failures += 1;
+                tracing::debug!(error = %e, failures, "transient store error; retrying the write");
+                tokio::time::sleep(backoff(failures)).await;
+            }
+            Err(BackendError::Conflict { actual, .. }) if retried && actual == job.version + 1 => {
+                match persist(shared, || store.get(job.id)).await? {
+                    Some(stored)
+                        if stored.version == job.version + 1
+                            && stored.state == job.state
+                            && stored.attempt == job.attempt
+                            && stored.lease_token == job.lease_token =>
+                    {
+                        return Ok(stored);
+                    }
+                    _ => {
+                        return Err(BackendError::Conflict {
+                            id: job.id,
+                            expected: job.version,
+                            actual,
+                        });
+                    }
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
 async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     let lj = &shared.lj;
     let queue = lj.queue();
@@ -96,7 +136,7 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
     }
-    job = match persist(shared, || lj.store().update(&job)).await {
+    job = match persist_update(shared, &job).await {
         Ok(job) => job,
         Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
             // Someone wrote the job since we read it (a cancel, a newer lease): look again shortly.
@@ -172,18 +212,19 @@ async fn finish_start_failure(
     }
     job.lease_token = stored_token.max(lease.token);
     if job.fail(error.clone(), now).is_ok() {
-        match persist(shared, || lj.store().update(&job)).await {
+        match persist_update(shared, &job).await {
             Ok(job) => {
-                let _ = lj
-                    .bus()
-                    .publish(
-                        job.id,
-                        EventPayload::Failed {
-                            error,
-                            attempt: job.attempt,
-                        },
-                    )
-                    .await;
+                let payload = EventPayload::Failed {
+                    error,
+                    attempt: job.attempt,
+                };
+                return announce(
+                    shared,
+                    job.id,
+                    payload,
+                    persist(shared, || lj.queue().ack(&lease)),
+                )
+                .await;
             }
             Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
                 persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
@@ -194,6 +235,24 @@ async fn finish_start_failure(
     }
     persist(shared, || lj.queue().ack(&lease)).await?;
     Ok(())
+}
+
+/// Publishes an attempt's outcome while the lease is settled (acked or requeued): the two are
+/// independent, so they share one round trip's wait. The event is retried on transient errors,
+/// since a subscriber waits for it; failing that it is logged, the store holding the truth.
+async fn announce(
+    shared: &Shared,
+    job_id: crate::JobId,
+    payload: EventPayload,
+    settle: impl std::future::Future<Output = Result<bool, BackendError>>,
+) -> Result<(), BackendError> {
+    let publish = async {
+        if let Err(e) = persist(shared, || shared.lj.bus().publish(job_id, payload.clone())).await {
+            tracing::warn!(error = %e, "outcome event not published");
+        }
+    };
+    let ((), settled) = tokio::join!(publish, settle);
+    settled.map(drop)
 }
 
 async fn conclude(
@@ -247,8 +306,13 @@ async fn conclude(
                     expires_at,
                     size,
                 };
-                let _ = lj.bus().publish(job.id, payload).await;
-                persist(shared, || queue.ack(&lease)).await?;
+                announce(
+                    shared,
+                    job.id,
+                    payload,
+                    persist(shared, || queue.ack(&lease)),
+                )
+                .await?;
             } else if let Some(result) = result {
                 // The job was cancelled or taken over meanwhile: its result is not wanted.
                 let _ = lj.blobs().delete(&result.blob_key).await;
@@ -270,11 +334,14 @@ async fn conclude(
                     .await?;
                     if let Some(job) = retrying {
                         tracing::info!(attempt, error = %error, ?delay, "attempt failed; retrying");
-                        let _ = lj
-                            .bus()
-                            .publish(job.id, EventPayload::status_of(&job))
-                            .await;
-                        persist(shared, || queue.requeue(&lease, delay)).await?;
+                        let payload = EventPayload::status_of(&job);
+                        announce(
+                            shared,
+                            job.id,
+                            payload,
+                            persist(shared, || queue.requeue(&lease, delay)),
+                        )
+                        .await?;
                     }
                 }
                 RetryDecision::GiveUp => {
@@ -289,8 +356,13 @@ async fn conclude(
                             error,
                             attempt: job.attempt,
                         };
-                        let _ = lj.bus().publish(job.id, payload).await;
-                        persist(shared, || queue.ack(&lease)).await?;
+                        announce(
+                            shared,
+                            job.id,
+                            payload,
+                            persist(shared, || queue.ack(&lease)),
+                        )
+                        .await?;
                     }
                 }
             }
@@ -319,11 +391,14 @@ async fn release(shared: &Shared, lease: Lease, ctx: &JobContext) -> Result<(), 
     .await?;
     if let Some(job) = released {
         tracing::info!("released for another worker");
-        let _ = lj
-            .bus()
-            .publish(job.id, EventPayload::status_of(&job))
-            .await;
-        persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)).await?;
+        let payload = EventPayload::status_of(&job);
+        announce(
+            shared,
+            job.id,
+            payload,
+            persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -359,7 +434,7 @@ async fn write_final(
         if !change(&mut next) {
             return Ok(None);
         }
-        match persist(shared, || lj.store().update(&next)).await {
+        match persist_update(shared, &next).await {
             Ok(written) => return Ok(Some(written)),
             Err(BackendError::Conflict { .. }) => {
                 match persist(shared, || lj.store().get(lease.job_id)).await? {

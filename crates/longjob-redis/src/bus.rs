@@ -1,0 +1,304 @@
+//! [`RedisProgressBus`]: per-job capped streams for replay, pub/sub for live delivery.
+//!
+//! Keys (all under the prefix's hash tag):
+//! - `ev:<id>:seq`: the job's event counter;
+//! - `ev:<id>`: a stream capped at about [`RedisConfig::event_retention`](crate::RedisConfig)
+//!   entries, whose entry ids are `<seq>-0`, so `XRANGE` after a seq is direct;
+//! - channel `ev:<id>:live`: each event as published, for subscribers in every process;
+//! - channel `cancel`: cancel requests.
+//!
+//! After a job's terminal event, its event keys expire with the finished-job retention.
+
+use std::collections::VecDeque;
+use std::sync::LazyLock;
+
+use async_trait::async_trait;
+use chrono::Utc;
+use futures::StreamExt;
+use longjob_core::bus::{CancelStream, EventStream};
+use longjob_core::{BackendError, BackendResult, EventPayload, JobEvent, JobId, ProgressBus};
+use redis::Script;
+use tokio::sync::broadcast;
+
+use crate::hub::{Live, Membership};
+use crate::{BACKEND, Redis, millis};
+
+/// The serialized event starts with this (`seq` is the first field of [`JobEvent`]); the script
+/// replaces it with the real sequence number.
+const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
+
+/// Events read per `XRANGE` page.
+const PAGE: usize = 500;
+
+/// KEYS: seq, stream. ARGV: event JSON (starting with the placeholder), max length, live
+/// channel, expiry ms (0: keep). Returns the event's seq.
+static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r#"
+local seq = redis.call('INCR', KEYS[1])
+local body = string.sub(ARGV[1], 9)
+local event = '{"seq":' .. seq .. body
+local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', event)
+if type(added) == 'table' and added.err then
+  -- The counter is behind the stream (it was lost): continue after the stream's last entry.
+  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
+  redis.call('SET', KEYS[1], seq)
+  event = '{"seq":' .. seq .. body
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', event)
+end
+redis.call('PUBLISH', ARGV[3], event)
+if tonumber(ARGV[4]) > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+elseif redis.call('PTTL', KEYS[1]) >= 0 then
+  -- A manual retry after the job finished: keep its events again.
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+end
+return seq
+"#,
+    )
+});
+
+/// A [`ProgressBus`] on Redis. Build it with [`Redis::bus`] or [`RedisProgressBus::connect`].
+///
+/// However many subscribers a process has, live events reach them through the one subscriber
+/// connection of its [`Redis`] handle; each subscriber replays from the job's stream, and
+/// repairs gaps (after a reconnection, or when it lags) from the stream too.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), longjob_core::BackendError> {
+/// use futures::StreamExt;
+/// use longjob_core::{EventPayload, JobId, ProgressBus};
+/// use longjob_redis::{RedisConfig, RedisProgressBus};
+///
+/// let bus = RedisProgressBus::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let job = JobId::new();
+/// let mut events = bus.subscribe(job, 0).await?;
+/// bus.publish(job, EventPayload::Cancelled {}).await?;
+/// let first = events.next().await.transpose()?;
+/// assert_eq!(first.map(|e| e.seq), Some(1));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisProgressBus {
+    redis: Redis,
+}
+
+impl RedisProgressBus {
+    /// The bus of `redis`.
+    pub fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    /// Connects to Redis and returns its bus.
+    pub async fn connect(config: crate::RedisConfig) -> BackendResult<Self> {
+        Ok(Redis::connect(config).await?.bus())
+    }
+
+    fn key(&self, job: JobId, suffix: &str) -> String {
+        self.redis.shared.keys.key(&format!("ev:{job}{suffix}"))
+    }
+
+    /// Up to [`PAGE`] retained events after `after`, and whether the page was full.
+    async fn fetch(&self, job: JobId, after: u64) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+        let key = self.key(job, "");
+        let start = format!("{}-0", after.saturating_add(1));
+        let entries: Vec<(String, Vec<String>)> = self
+            .redis
+            .shared
+            .run(|mut c| async move {
+                redis::cmd("XRANGE")
+                    .arg(&key)
+                    .arg(&start)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(PAGE)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        let full = entries.len() >= PAGE;
+        let events = entries
+            .into_iter()
+            .map(|(_, fields)| {
+                let json = fields
+                    .get(1)
+                    .ok_or_else(|| BackendError::corrupt(BACKEND, "event entry without body"))?;
+                serde_json::from_str(json)
+                    .map_err(|e| BackendError::corrupt(BACKEND, format!("event: {e}")))
+            })
+            .collect::<BackendResult<VecDeque<JobEvent>>>()?;
+        Ok((events, full))
+    }
+}
+
+/// One subscriber's state.
+struct Subscription {
+    bus: RedisProgressBus,
+    job: JobId,
+    last: u64,
+    replay: VecDeque<JobEvent>,
+    /// Retained events after `last` may exist that are not in `replay`: read the stream.
+    more: bool,
+    live: broadcast::Receiver<Live>,
+    _membership: Membership,
+}
+
+impl Subscription {
+    async fn next(&mut self) -> Option<BackendResult<JobEvent>> {
+        loop {
+            if let Some(event) = self.replay.pop_front() {
+                if event.seq <= self.last {
+                    continue;
+                }
+                self.last = event.seq;
+                return Some(Ok(event));
+            }
+            if self.more {
+                match self.bus.fetch(self.job, self.last).await {
+                    Ok((events, full)) => {
+                        self.replay = events;
+                        self.more = full;
+                    }
+                    Err(e) => return Some(Err(e)),
+                }
+                continue;
+            }
+            match self.live.recv().await {
+                Ok(Live::Event(event)) if event.seq <= self.last => {}
+                Ok(Live::Event(event)) if event.seq == self.last + 1 => {
+                    self.last = event.seq;
+                    return Some(Ok(event));
+                }
+                Ok(Live::Event(event)) => {
+                    // A gap: fill it from the stream; if the stream lost it too, skip it.
+                    match self.bus.fetch(self.job, self.last).await {
+                        Ok((mut events, full)) => {
+                            if events.front().is_none_or(|e| e.seq > event.seq) {
+                                events.push_front(event);
+                            }
+                            self.replay = events;
+                            self.more = full;
+                        }
+                        Err(e) => {
+                            self.more = true;
+                            return Some(Err(e));
+                        }
+                    }
+                }
+                Ok(Live::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.more = true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl ProgressBus for RedisProgressBus {
+    async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
+        let mut event = JobEvent {
+            seq: 0,
+            job_id: job,
+            at: Utc::now(),
+            payload,
+        };
+        let json = serde_json::to_string(&event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
+        if !json.starts_with(SEQ_PLACEHOLDER) {
+            return Err(BackendError::corrupt(
+                BACKEND,
+                "an event does not serialize with seq first",
+            ));
+        }
+        let config = &self.redis.shared.config;
+        let expiry = if event.is_terminal() {
+            millis(config.finished_retention).max(1)
+        } else {
+            0
+        };
+        let mut inv = PUBLISH.prepare_invoke();
+        inv.key(self.key(job, ":seq"))
+            .key(self.key(job, ""))
+            .arg(json)
+            .arg(config.event_retention.max(1))
+            .arg(self.key(job, ":live"))
+            .arg(expiry);
+        event.seq = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(event)
+    }
+
+    async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
+        // Join the live channel first, then read the stream: nothing falls in between.
+        let (live, membership) = self.redis.shared.hub.join(&self.key(job, ":live")).await?;
+        let subscription = Subscription {
+            bus: self.clone(),
+            job,
+            last: after_seq,
+            replay: VecDeque::new(),
+            more: true,
+            live,
+            _membership: membership,
+        };
+        Ok(futures::stream::unfold(subscription, |mut s| async move {
+            let item = s.next().await?;
+            Some((item, s))
+        })
+        .boxed())
+    }
+
+    async fn signal_cancel(&self, job: JobId) -> BackendResult<()> {
+        let channel = self.redis.shared.hub.cancel_channel().to_owned();
+        let id = job.to_string();
+        self.redis
+            .shared
+            .run(|mut c| async move {
+                redis::cmd("PUBLISH")
+                    .arg(&channel)
+                    .arg(&id)
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn cancel_signals(&self) -> BackendResult<CancelStream> {
+        let rx = self.redis.shared.hub.dispatch.cancels.subscribe();
+        Ok(futures::stream::unfold(rx, |mut rx| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(job) => return Some((Ok(job), rx)),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "cancel signals lagged");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        })
+        .boxed())
+    }
+
+    async fn purge(&self, job: JobId) -> BackendResult<()> {
+        let keys = [self.key(job, ":seq"), self.key(job, "")];
+        self.redis
+            .shared
+            .run(|mut c| async move {
+                redis::cmd("DEL")
+                    .arg(&keys[..])
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await
+    }
+
+    async fn health(&self) -> BackendResult<()> {
+        self.redis.shared.ping().await
+    }
+}

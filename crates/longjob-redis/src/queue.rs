@@ -1,0 +1,390 @@
+//! [`RedisQueue`]: leased delivery of job ids, one Lua script per operation.
+//!
+//! Keys (all under the prefix's hash tag):
+//! - `q:waiting`: sorted set of waiting job ids scored by due time (ms, Redis clock);
+//! - `q:leased`: sorted set of leased job ids scored by lease expiry (ms);
+//! - `q:tokens`: hash job id → fencing token of its current lease;
+//! - `q:seq`: the fencing token counter (`INCR`, monotonic for the life of the data);
+//! - channel `q:wake`: published on every push, so waiting claimers wake at once.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use longjob_core::queue::{Lease, QueueStats};
+use longjob_core::{BackendError, BackendResult, JobId, Queue};
+use redis::Script;
+use tokio::time::Instant;
+
+use crate::{BACKEND, Redis, millis};
+
+/// The Redis clock in ms, as a Lua prelude.
+const NOW: &str = r"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS: waiting, leased, tokens. ARGV: wake channel, delay ms, ids...
+/// Pushing an id makes it wait (moving its due time if it waits already) and revokes its lease.
+static PUSH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}
+local due = now + tonumber(ARGV[2])
+for i = 3, #ARGV do
+  local id = ARGV[i]
+  if redis.call('ZREM', KEYS[2], id) == 1 then
+    redis.call('HDEL', KEYS[3], id)
+  end
+  redis.call('ZADD', KEYS[1], due, id)
+end
+redis.call('PUBLISH', ARGV[1], '')
+return #ARGV - 2
+"
+    ))
+});
+
+/// KEYS: waiting, leased, tokens, seq. ARGV: max, ttl ms.
+/// Reaps expired leases (their jobs wait again, due at their expiry), then leases up to `max`
+/// due jobs, oldest due first. Returns {ms until the next due job or lease expiry (-1: none, or
+/// not asked because jobs were claimed), id1, token1, id2, token2, ...}.
+static CLAIM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}
+local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
+for i = 1, #expired, 2 do
+  local id = expired[i]
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('ZADD', KEYS[1], expired[i + 1], id)
+end
+local out = {{'-1'}}
+local max = tonumber(ARGV[1])
+if max > 0 then
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, max)
+  if #ids > 0 then
+    local last = redis.call('INCRBY', KEYS[4], #ids)
+    local first = last - #ids
+    local expires = now + tonumber(ARGV[2])
+    for i, id in ipairs(ids) do
+      local token = first + i
+      redis.call('ZREM', KEYS[1], id)
+      redis.call('ZADD', KEYS[2], expires, id)
+      redis.call('HSET', KEYS[3], id, token)
+      out[#out + 1] = id
+      out[#out + 1] = tostring(token)
+    end
+  end
+end
+if #out > 1 then return out end
+-- Nothing claimed: say when something may become due, so the claimer sleeps until then.
+local nxt = -1
+local w = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+if #w > 0 then nxt = tonumber(w[2]) end
+local l = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+if #l > 0 and (nxt < 0 or tonumber(l[2]) < nxt) then nxt = tonumber(l[2]) end
+if nxt >= 0 then nxt = math.max(0, nxt - now) end
+out[1] = tostring(nxt)
+return out
+"
+    ))
+});
+
+/// The Lua test of whether `id` is leased under `token` right now.
+const HELD: &str = r"
+local function held(id, token)
+  if redis.call('HGET', KEYS[2], id) ~= token then return false end
+  local expires = redis.call('ZSCORE', KEYS[1], id)
+  return expires and tonumber(expires) > now
+end
+";
+
+/// KEYS: leased, tokens. ARGV: ttl ms, id1, token1, id2, token2, ... Returns 1/0 per lease.
+static EXTEND: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}{HELD}
+local expires = now + tonumber(ARGV[1])
+local out = {{}}
+for i = 2, #ARGV, 2 do
+  if held(ARGV[i], ARGV[i + 1]) then
+    redis.call('ZADD', KEYS[1], expires, ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"
+    ))
+});
+
+/// KEYS: leased, tokens. ARGV: id, token. Returns 1 if the lease was held (and the job is gone).
+static ACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}{HELD}
+if not held(ARGV[1], ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+"
+    ))
+});
+
+/// KEYS: leased, tokens, waiting. ARGV: id, token, delay ms, wake channel.
+static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}{HELD}
+if not held(ARGV[1], ARGV[2]) then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('ZADD', KEYS[3], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('PUBLISH', ARGV[4], '')
+return 1
+"
+    ))
+});
+
+/// KEYS: waiting, leased. Returns {ready, delayed, leased}.
+static STATS: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{NOW}
+local ready = redis.call('ZCOUNT', KEYS[1], '-inf', now)
+local all = redis.call('ZCARD', KEYS[1])
+return {{ready, all - ready, redis.call('ZCARD', KEYS[2])}}
+"
+    ))
+});
+
+/// Ids pushed per script call in [`RedisQueue::push_many`].
+const PUSH_CHUNK: usize = 5000;
+
+/// A [`Queue`] on Redis. Build it with [`Redis::queue`] or [`RedisQueue::connect`].
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), longjob_core::BackendError> {
+/// use std::time::Duration;
+/// use longjob_core::{JobId, Queue};
+/// use longjob_redis::{RedisConfig, RedisQueue};
+///
+/// let queue = RedisQueue::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// queue.push(JobId::new(), Duration::ZERO).await?;
+/// let leases = queue.claim(10, Duration::from_secs(30), Duration::from_secs(1)).await?;
+/// for lease in &leases {
+///     queue.ack(lease).await?;
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisQueue {
+    redis: Redis,
+    waiting: String,
+    leased: String,
+    tokens: String,
+    seq: String,
+    wake: String,
+}
+
+impl RedisQueue {
+    /// The queue of `redis`.
+    pub fn new(redis: Redis) -> Self {
+        let keys = &redis.shared.keys;
+        Self {
+            waiting: keys.key("q:waiting"),
+            leased: keys.key("q:leased"),
+            tokens: keys.key("q:tokens"),
+            seq: keys.key("q:seq"),
+            wake: keys.key("q:wake"),
+            redis,
+        }
+    }
+
+    /// Connects to Redis and returns its queue.
+    pub async fn connect(config: crate::RedisConfig) -> BackendResult<Self> {
+        Ok(Redis::connect(config).await?.queue())
+    }
+
+    async fn push_ids(&self, jobs: &[JobId], delay: Duration) -> BackendResult<()> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut inv = PUSH.prepare_invoke();
+        inv.key(&self.waiting)
+            .key(&self.leased)
+            .key(&self.tokens)
+            .arg(&self.wake)
+            .arg(millis(delay));
+        for job in jobs {
+            inv.arg(job.to_string());
+        }
+        let _: i64 = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(())
+    }
+
+    /// One claim attempt: the leases and the time until something may become due.
+    async fn try_claim(
+        &self,
+        max: usize,
+        lease_ttl: Duration,
+    ) -> BackendResult<(Vec<Lease>, Option<Duration>)> {
+        let mut inv = CLAIM.prepare_invoke();
+        inv.key(&self.waiting)
+            .key(&self.leased)
+            .key(&self.tokens)
+            .key(&self.seq)
+            .arg(max)
+            .arg(millis(lease_ttl).max(1));
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let mut out = out.into_iter();
+        let next: i64 = parse(out.next().as_deref())?;
+        let next = u64::try_from(next).ok().map(Duration::from_millis);
+        let mut leases = Vec::new();
+        while let (Some(id), Some(token)) = (out.next(), out.next()) {
+            leases.push(Lease {
+                job_id: id
+                    .parse()
+                    .map_err(|e| BackendError::corrupt(BACKEND, format!("queued id: {e}")))?,
+                token: parse(Some(&token))?,
+            });
+        }
+        Ok((leases, next))
+    }
+}
+
+fn parse<T: std::str::FromStr>(s: Option<&str>) -> BackendResult<T> {
+    s.and_then(|s| s.parse().ok())
+        .ok_or_else(|| BackendError::corrupt(BACKEND, format!("unexpected script answer {s:?}")))
+}
+
+#[async_trait]
+impl Queue for RedisQueue {
+    async fn push(&self, job: JobId, delay: Duration) -> BackendResult<()> {
+        self.push_ids(&[job], delay).await
+    }
+
+    async fn push_many(&self, jobs: &[JobId], delay: Duration) -> BackendResult<()> {
+        for chunk in jobs.chunks(PUSH_CHUNK) {
+            self.push_ids(chunk, delay).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim(
+        &self,
+        max: usize,
+        lease_ttl: Duration,
+        wait: Duration,
+    ) -> BackendResult<Vec<Lease>> {
+        let deadline = Instant::now() + wait;
+        let dispatch = &self.redis.shared.hub.dispatch;
+        loop {
+            // Listen before looking, so a push between the look and the wait wakes us.
+            let notified = dispatch.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (leases, next) = self.try_claim(max, lease_ttl).await?;
+            let now = Instant::now();
+            if !leases.is_empty() || max == 0 || now >= deadline {
+                return Ok(leases);
+            }
+            // Without a trustworthy wake-up channel, look again soon.
+            let cap = if dispatch.connected() {
+                self.redis.shared.config.max_claim_poll
+            } else {
+                Duration::from_millis(250)
+            };
+            let mut until = deadline.min(now + cap);
+            if let Some(next) = next {
+                // A little after the due time, so the Redis clock has passed it too.
+                until = until.min(now + next + Duration::from_millis(2));
+            }
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(until) => {}
+            }
+        }
+    }
+
+    async fn extend(&self, leases: &[Lease], ttl: Duration) -> BackendResult<Vec<bool>> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut inv = EXTEND.prepare_invoke();
+        inv.key(&self.leased)
+            .key(&self.tokens)
+            .arg(millis(ttl).max(1));
+        for lease in leases {
+            inv.arg(lease.job_id.to_string())
+                .arg(lease.token.to_string());
+        }
+        let held: Vec<i64> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        if held.len() != leases.len() {
+            return Err(BackendError::corrupt(
+                BACKEND,
+                "extend answered a wrong count",
+            ));
+        }
+        Ok(held.into_iter().map(|h| h == 1).collect())
+    }
+
+    async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
+        let mut inv = ACK.prepare_invoke();
+        inv.key(&self.leased)
+            .key(&self.tokens)
+            .arg(lease.job_id.to_string())
+            .arg(lease.token.to_string());
+        let done: i64 = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(done == 1)
+    }
+
+    async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
+        let mut inv = REQUEUE.prepare_invoke();
+        inv.key(&self.leased)
+            .key(&self.tokens)
+            .key(&self.waiting)
+            .arg(lease.job_id.to_string())
+            .arg(lease.token.to_string())
+            .arg(millis(delay))
+            .arg(&self.wake);
+        let done: i64 = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(done == 1)
+    }
+
+    async fn stats(&self) -> BackendResult<QueueStats> {
+        let mut inv = STATS.prepare_invoke();
+        inv.key(&self.waiting).key(&self.leased);
+        let (ready, delayed, leased): (u64, u64, u64) = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        Ok(QueueStats {
+            ready,
+            delayed,
+            leased,
+        })
+    }
+
+    async fn health(&self) -> BackendResult<()> {
+        self.redis.shared.ping().await
+    }
+}

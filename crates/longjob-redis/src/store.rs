@@ -1,0 +1,464 @@
+//! [`RedisJobStore`]: jobs as hashes, written by Lua compare-and-set.
+//!
+//! Keys (all under the prefix's hash tag):
+//! - `job:<id>`: hash with `j` (the job's JSON, as the API would read it), `v` (version),
+//!   `t` (fencing token), `o` (owner), `i` (its idempotency key's name, or empty), `f` (whether
+//!   it is finished: `1`/`0`). A finished
+//!   job's hash expires after the configured retention;
+//! - `owner:<owner>:jobs`: sorted set of the owner's job ids scored by creation (µs);
+//! - `owner:<owner>:active`: set of the owner's unfinished job ids;
+//! - `finished`: sorted set of finished job ids scored by finishing time (µs), for purges;
+//! - `idem:<owner length>:<owner>:<key>`: the job id holding an idempotency key, with its TTL.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use longjob_core::store::{Inserted, OwnerCounts};
+use longjob_core::{BackendError, BackendResult, Job, JobId, JobStore};
+use redis::Script;
+
+use crate::{BACKEND, Redis, micros, millis};
+
+/// Writes the secondary records of a job being stored, given whether it is `terminal` ('1'/'0')
+/// now and whether it `was` before ('1', '0', or '' for a new job): only a change of
+/// finishedness touches the active set, the finished index and the expiry.
+const INDEX: &str = r"
+local function index(base, jobkey, id, owner, terminal, finished, retention, was)
+  if terminal == '1' then
+    if was ~= '1' then redis.call('SREM', base .. 'owner:' .. owner .. ':active', id) end
+    redis.call('ZADD', base .. 'finished', finished, id)
+    redis.call('PEXPIRE', jobkey, retention)
+  elseif was ~= '0' then
+    redis.call('SADD', base .. 'owner:' .. owner .. ':active', id)
+    if was == '1' then
+      redis.call('ZREM', base .. 'finished', id)
+      redis.call('PERSIST', jobkey)
+    end
+  end
+  redis.call('HSET', jobkey, 'f', terminal)
+end
+";
+
+/// KEYS: job, idem (or any key when none). ARGV: base, json, id, owner, created µs, terminal,
+/// finished µs, retention ms, token, has idem ('1'/'0'), idem ttl ms.
+/// Returns {'new'}, {'exists'} or {'existing', json}.
+static INSERT: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{INDEX}
+local base = ARGV[1]
+if ARGV[10] == '1' then
+  local held = redis.call('GET', KEYS[2])
+  if held then
+    local json = redis.call('HGET', base .. 'job:' .. held, 'j')
+    if json then return {{'existing', json}} end
+  end
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {{'exists'}} end
+local idem = ''
+if ARGV[10] == '1' then idem = KEYS[2] end
+redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem)
+redis.call('ZADD', base .. 'owner:' .. ARGV[4] .. ':jobs', ARGV[5], ARGV[3])
+index(base, KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8], '')
+if ARGV[10] == '1' and tonumber(ARGV[11]) > 0 then
+  redis.call('SET', KEYS[2], ARGV[3], 'PX', ARGV[11])
+end
+return {{'new'}}
+"
+    ))
+});
+
+/// ARGV: base, retention ms, then per job 7 values: json, id, owner, created µs, terminal,
+/// finished µs, token. Stores none if any id exists; returns that id, or '' when all stored.
+static INSERT_MANY: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{INDEX}
+local base = ARGV[1]
+for i = 3, #ARGV, 7 do
+  if redis.call('EXISTS', base .. 'job:' .. ARGV[i + 1]) == 1 then return ARGV[i + 1] end
+end
+for i = 3, #ARGV, 7 do
+  local id, owner = ARGV[i + 1], ARGV[i + 2]
+  local jobkey = base .. 'job:' .. id
+  redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '')
+  redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
+  index(base, jobkey, id, owner, ARGV[i + 4], ARGV[i + 5], ARGV[2], '')
+end
+return ''
+"
+    ))
+});
+
+/// KEYS: job. ARGV: base, json, expected version, token, terminal, finished µs, retention ms, id.
+/// Returns {'ok'}, {'missing'}, {'conflict', v, t} or {'fenced', v, t}.
+static UPDATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"{INDEX}
+local cur = redis.call('HMGET', KEYS[1], 'v', 't', 'o', 'f')
+if not cur[1] then return {{'missing'}} end
+if tonumber(cur[1]) ~= tonumber(ARGV[3]) then return {{'conflict', cur[1], cur[2]}} end
+if tonumber(ARGV[4]) < tonumber(cur[2]) then return {{'fenced', cur[1], cur[2]}} end
+redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', tonumber(ARGV[3]) + 1, 't', ARGV[4])
+if ARGV[5] == '1' or cur[4] ~= '0' then
+  index(ARGV[1], KEYS[1], ARGV[8], cur[3], ARGV[5], ARGV[6], ARGV[7], cur[4] or '')
+end
+return {{'ok'}}
+"
+    ))
+});
+
+/// KEYS: owner jobs index. ARGV: base, limit. The newest jobs' JSON; forgets expired ones.
+static LIST: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local limit = tonumber(ARGV[2])
+local out = {}
+local offset = 0
+while #out < limit do
+  local ids = redis.call('ZREVRANGE', KEYS[1], offset, offset + limit - 1)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local json = redis.call('HGET', ARGV[1] .. 'job:' .. id, 'j')
+    if json then
+      if #out < limit then out[#out + 1] = json end
+    else
+      redis.call('ZREM', KEYS[1], id)
+      offset = offset - 1
+    end
+  end
+  offset = offset + #ids
+end
+return out
+",
+    )
+});
+
+/// KEYS: idem key. ARGV: base. The JSON of the job holding the key, or nil.
+static FIND_IDEM: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local id = redis.call('GET', KEYS[1])
+if not id then return false end
+return redis.call('HGET', ARGV[1] .. 'job:' .. id, 'j')
+",
+    )
+});
+
+/// KEYS: finished. ARGV: base, before µs (exclusive), limit. Deletes and returns the JSON of up
+/// to `limit` jobs finished before the cutoff; forgets ids whose hash has expired.
+static PURGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local base = ARGV[1]
+local limit = tonumber(ARGV[3])
+local out = {}
+while #out < limit do
+  local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[2], 'LIMIT', 0, limit - #out)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local jobkey = base .. 'job:' .. id
+    local f = redis.call('HMGET', jobkey, 'j', 'o', 'i')
+    redis.call('ZREM', KEYS[1], id)
+    if f[1] then
+      redis.call('DEL', jobkey)
+      redis.call('ZREM', base .. 'owner:' .. f[2] .. ':jobs', id)
+      redis.call('SREM', base .. 'owner:' .. f[2] .. ':active', id)
+      if f[3] and f[3] ~= '' and redis.call('GET', f[3]) == id then
+        redis.call('DEL', f[3])
+      end
+      out[#out + 1] = f[1]
+    end
+  end
+end
+return out
+",
+    )
+});
+
+/// Jobs per script call in [`RedisJobStore::insert_many`].
+const INSERT_CHUNK: usize = 500;
+
+/// A [`JobStore`] on Redis. Build it with [`Redis::store`] or [`RedisJobStore::connect`].
+///
+/// The latest state of a job is one `HGET` away ([`get`](JobStore::get)), which is what polling
+/// clients read.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), longjob_core::BackendError> {
+/// use std::time::Duration;
+/// use longjob_core::{Job, JobStore};
+/// use longjob_redis::{RedisConfig, RedisJobStore};
+///
+/// let store = RedisJobStore::connect(RedisConfig::new("redis://127.0.0.1:6379")).await?;
+/// let job = Job::new("report", "alice", serde_json::json!({"month": 11}));
+/// let stored = store.insert(&job, Duration::from_secs(3600)).await?;
+/// assert_eq!(stored.job().version, 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct RedisJobStore {
+    redis: Redis,
+    base: String,
+}
+
+impl RedisJobStore {
+    /// The store of `redis`.
+    pub fn new(redis: Redis) -> Self {
+        Self {
+            base: redis.shared.keys.base().to_owned(),
+            redis,
+        }
+    }
+
+    /// Connects to Redis and returns its store.
+    pub async fn connect(config: crate::RedisConfig) -> BackendResult<Self> {
+        Ok(Redis::connect(config).await?.store())
+    }
+
+    fn job_key(&self, id: JobId) -> String {
+        format!("{}job:{id}", self.base)
+    }
+
+    fn idem_key(&self, owner: &str, key: &str) -> String {
+        format!("{}idem:{}:{owner}:{key}", self.base, owner.len())
+    }
+
+    fn owner_key(&self, owner: &str, what: &str) -> String {
+        format!("{}owner:{owner}:{what}", self.base)
+    }
+
+    fn retention_ms(&self) -> u64 {
+        millis(self.redis.shared.config.finished_retention).max(1)
+    }
+}
+
+fn encode(job: &Job) -> BackendResult<String> {
+    serde_json::to_string(job).map_err(|e| BackendError::corrupt(BACKEND, e))
+}
+
+fn decode(json: &str) -> BackendResult<Job> {
+    serde_json::from_str(json).map_err(|e| BackendError::corrupt(BACKEND, format!("job: {e}")))
+}
+
+fn terminal(job: &Job) -> &'static str {
+    if job.state.is_terminal() { "1" } else { "0" }
+}
+
+fn finished_micros(job: &Job) -> i64 {
+    micros(job.finished_at.unwrap_or(job.updated_at))
+}
+
+fn num(s: Option<&String>) -> u64 {
+    s.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+#[async_trait]
+impl JobStore for RedisJobStore {
+    async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
+        let mut stored = job.clone();
+        stored.version = 1;
+        let json = encode(&stored)?;
+        let idem = job.idempotency_key.as_deref();
+        let job_key = self.job_key(job.id);
+        let mut inv = INSERT.prepare_invoke();
+        inv.key(&job_key)
+            .key(
+                idem.map(|k| self.idem_key(&job.owner, k))
+                    .unwrap_or_else(|| job_key.clone()),
+            )
+            .arg(&self.base)
+            .arg(json)
+            .arg(job.id.to_string())
+            .arg(&job.owner)
+            .arg(micros(job.created_at))
+            .arg(terminal(job))
+            .arg(finished_micros(job))
+            .arg(self.retention_ms())
+            .arg(job.lease_token.to_string())
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(millis(idempotency_ttl));
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        match out.first().map(String::as_str) {
+            Some("new") => Ok(Inserted::New(stored)),
+            Some("exists") => Err(BackendError::AlreadyExists(job.id)),
+            Some("existing") => Ok(Inserted::Existing(decode(
+                out.get(1)
+                    .ok_or_else(|| BackendError::corrupt(BACKEND, "insert answered no job"))?,
+            )?)),
+            other => Err(BackendError::corrupt(
+                BACKEND,
+                format!("insert answered {other:?}"),
+            )),
+        }
+    }
+
+    async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {
+        for chunk in jobs.chunks(INSERT_CHUNK) {
+            let mut inv = INSERT_MANY.prepare_invoke();
+            inv.arg(&self.base).arg(self.retention_ms());
+            for job in chunk {
+                let mut stored = job.clone();
+                stored.version = 1;
+                inv.arg(encode(&stored)?)
+                    .arg(job.id.to_string())
+                    .arg(&job.owner)
+                    .arg(micros(job.created_at))
+                    .arg(terminal(job))
+                    .arg(finished_micros(job))
+                    .arg(job.lease_token.to_string());
+            }
+            let existing: String = self
+                .redis
+                .shared
+                .run(|mut c| async move { inv.invoke_async(&mut c).await })
+                .await?;
+            if !existing.is_empty() {
+                let id = existing.parse().map_err(|e| {
+                    BackendError::corrupt(BACKEND, format!("insert_many answered {existing}: {e}"))
+                })?;
+                return Err(BackendError::AlreadyExists(id));
+            }
+        }
+        Ok(())
+    }
+
+    async fn get(&self, id: JobId) -> BackendResult<Option<Job>> {
+        let key = self.job_key(id);
+        let json: Option<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move {
+                redis::cmd("HGET")
+                    .arg(&key)
+                    .arg("j")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn update(&self, job: &Job) -> BackendResult<Job> {
+        let mut next = job.clone();
+        next.version = job.version.saturating_add(1);
+        let mut inv = UPDATE.prepare_invoke();
+        inv.key(self.job_key(job.id))
+            .arg(&self.base)
+            .arg(encode(&next)?)
+            .arg(job.version.to_string())
+            .arg(job.lease_token.to_string())
+            .arg(terminal(job))
+            .arg(finished_micros(job))
+            .arg(self.retention_ms())
+            .arg(job.id.to_string());
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        match out.first().map(String::as_str) {
+            Some("ok") => Ok(next),
+            Some("missing") => Err(BackendError::NotFound(job.id)),
+            Some("conflict") => Err(BackendError::Conflict {
+                id: job.id,
+                expected: job.version,
+                actual: num(out.get(1)),
+            }),
+            Some("fenced") => Err(BackendError::Fenced {
+                id: job.id,
+                token: job.lease_token,
+                current: num(out.get(2)),
+            }),
+            other => Err(BackendError::corrupt(
+                BACKEND,
+                format!("update answered {other:?}"),
+            )),
+        }
+    }
+
+    async fn list_by_owner(&self, owner: &str, limit: usize) -> BackendResult<Vec<Job>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = LIST.prepare_invoke();
+        inv.key(self.owner_key(owner, "jobs"))
+            .arg(&self.base)
+            .arg(limit);
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        out.iter().map(|j| decode(j)).collect()
+    }
+
+    async fn find_by_idempotency_key(&self, owner: &str, key: &str) -> BackendResult<Option<Job>> {
+        let mut inv = FIND_IDEM.prepare_invoke();
+        inv.key(self.idem_key(owner, key)).arg(&self.base);
+        let json: Option<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        json.as_deref().map(decode).transpose()
+    }
+
+    async fn count_by_owner(
+        &self,
+        owner: &str,
+        since: DateTime<Utc>,
+    ) -> BackendResult<OwnerCounts> {
+        let jobs = self.owner_key(owner, "jobs");
+        let active = self.owner_key(owner, "active");
+        let (created_since, active): (u64, u64) = self
+            .redis
+            .shared
+            .run(|mut c| async move {
+                redis::pipe()
+                    .cmd("ZCOUNT")
+                    .arg(&jobs)
+                    .arg(micros(since))
+                    .arg("+inf")
+                    .cmd("SCARD")
+                    .arg(&active)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(OwnerCounts {
+            created_since,
+            active,
+        })
+    }
+
+    async fn purge_finished(
+        &self,
+        finished_before: DateTime<Utc>,
+        limit: usize,
+    ) -> BackendResult<Vec<Job>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let mut inv = PURGE.prepare_invoke();
+        inv.key(format!("{}finished", self.base))
+            .arg(&self.base)
+            .arg(micros(finished_before))
+            .arg(limit);
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        out.iter().map(|j| decode(j)).collect()
+    }
+
+    async fn health(&self) -> BackendResult<()> {
+        self.redis.shared.ping().await
+    }
+}

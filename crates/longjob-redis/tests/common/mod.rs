@@ -1,0 +1,32 @@
+//! Shared helpers: where Redis is, and a fresh namespace per backend instance.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use longjob_redis::{Redis, RedisConfig};
+
+/// `REDIS_URL`, or Redis's default address on loopback.
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// A configuration with a fresh, unique key prefix.
+pub fn fresh_config() -> RedisConfig {
+    RedisConfig::new(redis_url())
+        .prefix(format!("lj-test-{}", uuid::Uuid::now_v7().simple()))
+        .client_name("longjob-test")
+}
+
+/// A connection in a fresh namespace; fails the test with a clear message without Redis.
+pub async fn fresh() -> Redis {
+    connect(fresh_config()).await
+}
+
+/// Connects, failing the test with a clear message when Redis does not answer.
+pub async fn connect(config: RedisConfig) -> Redis {
+    let url = config.url.clone();
+    match Redis::connect(config).await {
+        Ok(redis) => redis,
+        Err(e) => panic!(
+            "Redis at {url} does not answer ({e}); start one with scripts/services/redis.sh or set REDIS_URL"
+        ),
+    }
+}
