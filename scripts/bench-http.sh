@@ -112,7 +112,9 @@ bench() {
   errors=$(awk '/Socket errors/ { sub(/^ *Socket errors: */, ""); print }' "$out")
   local ratio="n/a (new)" rss_ratio
   if [ "$hono" != "-" ]; then ratio=$(awk -v a="$rps" -v b="$hono" 'BEGIN { printf "%.1f×", a / b }'); fi
-  rss_ratio=$(awk -v h="$hwm" -v b="$HONO_RSS_MB" 'BEGIN { printf "%.1f MB (1/%.0f)", h / 1024, b * 1024 / h }')
+  rss_ratio=$(awk -v h="$hwm" -v b="$HONO_RSS_MB" 'BEGIN {
+    if (h / 1024 <= b) printf "%.1f MB (1/%.0f)", h / 1024, b * 1024 / h
+    else printf "%.1f MB (%.1f× Hono)", h / 1024, h / 1024 / b }')
   printf '| %s | %s | %s | %s | %s / %s | %s | %s | %s |\n' \
     "$name" "$(printf '%.0f' "$rps")" "$( [ "$hono" = "-" ] && echo "–" || echo "$hono")" "$ratio" \
     "$p50" "$p99" "${non2xx:-0}${errors:+ (socket: $errors)}" \
