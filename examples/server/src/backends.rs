@@ -1,10 +1,9 @@
 //! Which backends the server runs on.
 //!
-//! Embedded defaults: in-memory store, queue and bus; blobs on local disk. With `S3_BUCKET_NAME`
-//! results go to S3 and files come from the source bucket (see [`crate::s3`]). The extension
-//! points for the other backends are the two `if` arms below: when the crates `longjob-redis` and
-//! `longjob-postgres` are added to this package, each arm builds its backend from the
-//! configuration and the rest of the server does not change.
+//! Embedded defaults: in-memory store, queue and bus; blobs on local disk. `REDIS_URL` puts the
+//! store, queue and bus in Redis; `DATABASE_URL` puts the store in PostgreSQL (and the queue and
+//! bus too, unless Redis is set). With `S3_BUCKET_NAME` results go to S3 and files come from the
+//! source bucket (see [`crate::s3`]).
 
 use std::sync::Arc;
 
@@ -13,6 +12,7 @@ use longjob_core::local_disk::LocalDiskBlobStore;
 use longjob_core::memory::{MemoryJobStore, MemoryProgressBus, MemoryQueue};
 use longjob_core::signing::UrlSigner;
 use longjob_core::{BlobStore, JobStore, ProgressBus, Queue};
+use longjob_postgres::{PgBackend, PgConfig};
 use longjob_redis::{Redis, RedisConfig};
 use longjob_s3::S3BlobStore;
 
@@ -41,19 +41,9 @@ pub struct Backends {
     pub description: String,
 }
 
-/// A configuration this build cannot serve.
+/// A configuration the server cannot run on.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendConfigError {
-    /// A backend is configured whose crate is not part of this build yet.
-    #[error(
-        "{var} is set, but this build of longjob-server has no {backend} backend yet; unset it to run on the embedded defaults"
-    )]
-    NotBuiltIn {
-        /// The variable.
-        var: &'static str,
-        /// The backend.
-        backend: &'static str,
-    },
     /// The S3 settings cannot work.
     #[error("S3: {0}")]
     S3Config(#[from] longjob_s3::S3ConfigError),
@@ -66,6 +56,9 @@ pub enum BackendConfigError {
     /// Redis cannot be reached.
     #[error("REDIS_URL {0}: {1}")]
     Redis(String, longjob_core::BackendError),
+    /// PostgreSQL cannot be reached or migrated.
+    #[error("DATABASE_URL: {0}")]
+    Postgres(longjob_core::BackendError),
 }
 
 /// Builds the backends `config` names.
@@ -96,30 +89,56 @@ type JobBackends = (
     String,
 );
 
-/// `REDIS_URL`: queue and bus on Redis, and the store too unless `DATABASE_URL` names PostgreSQL.
+/// `REDIS_URL`: queue and bus on Redis, and the store too unless `DATABASE_URL` is set.
+/// `DATABASE_URL`: the store on PostgreSQL, and the queue and bus too unless `REDIS_URL` is set.
 async fn build_jobs(config: &Config) -> Result<Option<JobBackends>, BackendConfigError> {
-    if set(&config.database_url).is_some() {
-        return Err(BackendConfigError::NotBuiltIn {
-            var: "DATABASE_URL",
-            backend: "PostgreSQL",
-        });
-    }
-    let Some(url) = set(&config.redis_url) else {
-        return Ok(None);
+    let redis = match set(&config.redis_url) {
+        Some(url) => Some(
+            Redis::connect(RedisConfig::new(url).prefix(config.redis_prefix.clone()))
+                .await
+                .map_err(|e| BackendConfigError::Redis(url.to_owned(), e))?,
+        ),
+        None => None,
     };
-    let redis = Redis::connect(RedisConfig::new(url).prefix(config.redis_prefix.clone()))
-        .await
-        .map_err(|e| BackendConfigError::Redis(url.to_owned(), e))?;
-    let description = format!(
-        "store=redis queue=redis bus=redis (prefix {{{}}})",
-        redis.config().prefix
-    );
-    Ok(Some((
-        Arc::new(redis.store()),
-        Arc::new(redis.queue()),
-        Arc::new(redis.bus()),
-        description,
-    )))
+    let pg = match set(&config.database_url) {
+        Some(url) => Some(
+            PgBackend::connect(PgConfig::new(url).schema(config.database_schema.clone()))
+                .await
+                .map_err(BackendConfigError::Postgres)?,
+        ),
+        None => None,
+    };
+    Ok(match (redis, pg) {
+        (None, None) => None,
+        (Some(redis), None) => Some((
+            Arc::new(redis.store()),
+            Arc::new(redis.queue()),
+            Arc::new(redis.bus()),
+            format!(
+                "store=redis queue=redis bus=redis (prefix {{{}}})",
+                redis.config().prefix
+            ),
+        )),
+        (None, Some(pg)) => Some((
+            Arc::new(pg.store()),
+            Arc::new(pg.queue()),
+            Arc::new(pg.bus()),
+            format!(
+                "store=postgres queue=postgres bus=postgres (schema {})",
+                pg.schema()
+            ),
+        )),
+        (Some(redis), Some(pg)) => Some((
+            Arc::new(pg.store()),
+            Arc::new(redis.queue()),
+            Arc::new(redis.bus()),
+            format!(
+                "store=postgres (schema {}) queue=redis bus=redis (prefix {{{}}})",
+                pg.schema(),
+                redis.config().prefix
+            ),
+        )),
+    })
 }
 
 /// Blobs on local disk, served by the signed file route; files by the mock rule.

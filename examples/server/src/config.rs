@@ -84,9 +84,12 @@ pub struct Config {
     /// one Redis.
     #[arg(long, env = "REDIS_PREFIX", default_value = "longjob")]
     pub redis_prefix: String,
-    /// PostgreSQL for the job store.
+    /// PostgreSQL for the job store (and for the queue and bus when REDIS_URL is not set).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// With PostgreSQL: the schema of longjob's tables (created and migrated at start).
+    #[arg(long, env = "DATABASE_SCHEMA", default_value = "longjob")]
+    pub database_schema: String,
     /// Directory of the local-disk blob store (when no S3 bucket is set).
     #[arg(long, env = "BLOB_DIR", default_value = "./.run/blobs")]
     pub blob_dir: String,
