@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -35,6 +35,14 @@ struct Inner {
     jobs: HashMap<JobId, Job>,
     /// (owner, key) → (job, expiry of the key)
     idempotency: HashMap<(String, String), (JobId, DateTime<Utc>)>,
+    /// Per owner, so quotas and listings cost the owner's jobs, not everybody's.
+    owners: HashMap<String, Owner>,
+}
+
+#[derive(Debug, Default)]
+struct Owner {
+    by_creation: BTreeSet<(DateTime<Utc>, JobId)>,
+    active: u64,
 }
 
 impl MemoryJobStore {
@@ -74,6 +82,9 @@ impl Inner {
             self.idempotency
                 .insert((job.owner.clone(), key.clone()), (job.id, expires));
         }
+        let owner = self.owners.entry(job.owner.clone()).or_default();
+        owner.by_creation.insert((job.created_at, job.id));
+        owner.active += u64::from(!job.state.is_terminal());
         self.jobs.insert(job.id, stored.clone());
         Ok(Inserted::New(stored))
     }
@@ -120,21 +131,32 @@ impl JobStore for MemoryJobStore {
         }
         let mut next = job.clone();
         next.version = stored.version + 1;
+        let (was, is) = (!stored.state.is_terminal(), !next.state.is_terminal());
         *stored = next.clone();
+        if was != is {
+            if let Some(owner) = inner.owners.get_mut(&job.owner) {
+                owner.active = if is {
+                    owner.active + 1
+                } else {
+                    owner.active.saturating_sub(1)
+                };
+            }
+        }
         Ok(next)
     }
 
     async fn list_by_owner(&self, owner: &str, limit: usize) -> BackendResult<Vec<Job>> {
         let inner = lock(&self.inner);
-        let mut jobs: Vec<Job> = inner
-            .jobs
-            .values()
-            .filter(|j| j.owner == owner)
-            .cloned()
-            .collect();
-        jobs.sort_by_key(|j| std::cmp::Reverse(j.id));
-        jobs.truncate(limit);
-        Ok(jobs)
+        let Some(index) = inner.owners.get(owner) else {
+            return Ok(Vec::new());
+        };
+        let mut ids: Vec<JobId> = index.by_creation.iter().map(|(_, id)| *id).collect();
+        ids.sort_unstable_by_key(|id| std::cmp::Reverse(*id));
+        Ok(ids
+            .iter()
+            .take(limit)
+            .filter_map(|id| inner.jobs.get(id).cloned())
+            .collect())
     }
 
     async fn find_by_idempotency_key(&self, owner: &str, key: &str) -> BackendResult<Option<Job>> {
@@ -153,12 +175,14 @@ impl JobStore for MemoryJobStore {
         since: DateTime<Utc>,
     ) -> BackendResult<OwnerCounts> {
         let inner = lock(&self.inner);
-        let mut counts = OwnerCounts::default();
-        for job in inner.jobs.values().filter(|j| j.owner == owner) {
-            counts.created_since += u64::from(job.created_at >= since);
-            counts.active += u64::from(!job.state.is_terminal());
-        }
-        Ok(counts)
+        let Some(index) = inner.owners.get(owner) else {
+            return Ok(OwnerCounts::default());
+        };
+        let first = JobId::from_uuid(uuid::Uuid::nil());
+        Ok(OwnerCounts {
+            created_since: index.by_creation.range((since, first)..).count() as u64,
+            active: index.active,
+        })
     }
 
     async fn purge_finished(
@@ -177,7 +201,16 @@ impl JobStore for MemoryJobStore {
             .take(limit)
             .collect();
         let purged: Vec<Job> = ids.iter().filter_map(|id| inner.jobs.remove(id)).collect();
-        inner.idempotency.retain(|_, (id, _)| !ids.contains(id));
+        for job in &purged {
+            if let Some(owner) = inner.owners.get_mut(&job.owner) {
+                owner.by_creation.remove(&(job.created_at, job.id));
+                if owner.by_creation.is_empty() {
+                    inner.owners.remove(&job.owner);
+                }
+            }
+        }
+        let gone: HashSet<JobId> = ids.into_iter().collect();
+        inner.idempotency.retain(|_, (id, _)| !gone.contains(id));
         Ok(purged)
     }
 
