@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -41,7 +41,9 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Owner {
-    by_creation: BTreeSet<(DateTime<Utc>, JobId)>,
+    /// Sorted by creation time (jobs arrive in that order, so inserts append), so a quota count
+    /// is a binary search.
+    by_creation: Vec<(DateTime<Utc>, JobId)>,
     active: u64,
 }
 
@@ -83,7 +85,9 @@ impl Inner {
                 .insert((job.owner.clone(), key.clone()), (job.id, expires));
         }
         let owner = self.owners.entry(job.owner.clone()).or_default();
-        owner.by_creation.insert((job.created_at, job.id));
+        let entry = (job.created_at, job.id);
+        let at = owner.by_creation.partition_point(|e| *e <= entry);
+        owner.by_creation.insert(at, entry);
         owner.active += u64::from(!job.state.is_terminal());
         self.jobs.insert(job.id, stored.clone());
         Ok(Inserted::New(stored))
@@ -178,9 +182,11 @@ impl JobStore for MemoryJobStore {
         let Some(index) = inner.owners.get(owner) else {
             return Ok(OwnerCounts::default());
         };
-        let first = JobId::from_uuid(uuid::Uuid::nil());
+        let before = index
+            .by_creation
+            .partition_point(|(created, _)| *created < since);
         Ok(OwnerCounts {
-            created_since: index.by_creation.range((since, first)..).count() as u64,
+            created_since: (index.by_creation.len() - before) as u64,
             active: index.active,
         })
     }
@@ -201,15 +207,16 @@ impl JobStore for MemoryJobStore {
             .take(limit)
             .collect();
         let purged: Vec<Job> = ids.iter().filter_map(|id| inner.jobs.remove(id)).collect();
-        for job in &purged {
-            if let Some(owner) = inner.owners.get_mut(&job.owner) {
-                owner.by_creation.remove(&(job.created_at, job.id));
+        let gone: HashSet<JobId> = ids.into_iter().collect();
+        let owners: HashSet<&str> = purged.iter().map(|j| j.owner.as_str()).collect();
+        for name in owners {
+            if let Some(owner) = inner.owners.get_mut(name) {
+                owner.by_creation.retain(|(_, id)| !gone.contains(id));
                 if owner.by_creation.is_empty() {
-                    inner.owners.remove(&job.owner);
+                    inner.owners.remove(name);
                 }
             }
         }
-        let gone: HashSet<JobId> = ids.into_iter().collect();
         inner.idempotency.retain(|_, (id, _)| !gone.contains(id));
         Ok(purged)
     }
