@@ -703,9 +703,10 @@ impl LongJob {
             // Events can be missed only if the bus retains too few; re-check the store now and then.
             match tokio::time::timeout(Duration::from_millis(500), events.next()).await {
                 Ok(Some(Ok(e))) if e.is_terminal() => return self.status(id, owner).await,
+                Ok(Some(Ok(_))) => {}
                 Ok(Some(Err(e))) => return Err(e.into()),
                 Ok(None) => return self.status(id, owner).await,
-                _ => {
+                Err(_) => {
                     let job = self.status(id, owner).await?;
                     if job.state.is_terminal() {
                         return Ok(job);

@@ -199,15 +199,7 @@ impl JobContext {
             (event.then_some(t.progress), flush)
         };
         if let Some(progress) = event {
-            if let Err(e) = self
-                .inner
-                .lj
-                .bus()
-                .publish(self.inner.job_id, EventPayload::Progress { progress })
-                .await
-            {
-                tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress event not published");
-            }
+            self.publish_progress(progress).await;
         }
         if flush {
             self.flush().await;
@@ -224,6 +216,11 @@ impl JobContext {
             }
             t.progress
         };
+        self.publish_progress(progress).await;
+    }
+
+    /// Progress events are best effort: the store holds the progress too.
+    async fn publish_progress(&self, progress: Progress) {
         if let Err(e) = self
             .inner
             .lj

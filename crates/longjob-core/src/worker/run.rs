@@ -55,38 +55,34 @@ where
 /// job is exactly that write, it counts as done.
 async fn persist_update(shared: &Shared, job: &Job) -> Result<Job, BackendError> {
     let store = shared.lj.store();
-    let mut retried = false;
-    let give_up = Instant::now() + shared.config.lease_ttl;
-    let mut failures = 0;
-    loop {
-        match store.update(job).await {
-            Err(e) if e.is_transient() && Instant::now() < give_up => {
-                retried = true;
-                failures += 1;
-                tracing::debug!(error = %e, failures, "transient store error; retrying the write");
-                tokio::time::sleep(backoff(failures)).await;
-            }
-            Err(BackendError::Conflict { actual, .. }) if retried && actual == job.version + 1 => {
-                match persist(shared, || store.get(job.id)).await? {
-                    Some(stored)
-                        if stored.version == job.version + 1
-                            && stored.state == job.state
-                            && stored.attempt == job.attempt
-                            && stored.lease_token == job.lease_token =>
-                    {
-                        return Ok(stored);
-                    }
-                    _ => {
-                        return Err(BackendError::Conflict {
-                            id: job.id,
-                            expected: job.version,
-                            actual,
-                        });
-                    }
+    let tries = std::sync::atomic::AtomicU32::new(0);
+    let written = persist(shared, || {
+        tries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        store.update(job)
+    })
+    .await;
+    match written {
+        Err(BackendError::Conflict { actual, .. })
+            if tries.load(std::sync::atomic::Ordering::Relaxed) > 1
+                && actual == job.version + 1 =>
+        {
+            match persist(shared, || store.get(job.id)).await? {
+                Some(stored)
+                    if stored.version == job.version + 1
+                        && stored.state == job.state
+                        && stored.attempt == job.attempt
+                        && stored.lease_token == job.lease_token =>
+                {
+                    Ok(stored)
                 }
+                _ => Err(BackendError::Conflict {
+                    id: job.id,
+                    expected: job.version,
+                    actual,
+                }),
             }
-            other => return other,
         }
+        other => other,
     }
 }
 
