@@ -18,6 +18,7 @@ mod redis_stats;
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use longjob_core::{JobResult, LongJob, LongJobConfig, SubmitRequest, WorkerConfig};
@@ -203,17 +204,30 @@ async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
     // Every progress call is a real event, as every updateProgress is for the peers.
     worker_config.progress_interval = Duration::ZERO;
     worker_config.claim_wait = Duration::from_millis(200);
+    // Handler runs counted in-process, so the store is polled only once every job has run at
+    // least once: polling a store that cannot be done yet would only load the backend measured.
+    let handled = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let worker = lj
         .worker()
         .config(worker_config)
-        .handle("noop", move |ctx, _: serde_json::Value| async move {
-            for i in 1..=progress {
-                ctx.progress(i, progress).await;
+        .handle("noop", {
+            let handled = Arc::clone(&handled);
+            move |ctx, _: serde_json::Value| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    for i in 1..=progress {
+                        ctx.progress(i, progress).await;
+                    }
+                    handled.fetch_add(1, Ordering::Relaxed);
+                    Ok(None::<JobResult>)
+                }
             }
-            Ok(None::<JobResult>)
         })
         .start();
+    while handled.load(Ordering::Relaxed) < args.jobs {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     loop {
         let counts = lj
             .store()
