@@ -215,6 +215,49 @@ impl BackendError {
         }
     }
 
+    /// The same error for another caller (a batch's answer shared by each of its requests):
+    /// sources are not clonable, so a shared copy keeps their message only.
+    pub fn share(&self) -> Self {
+        match self {
+            Self::Conflict {
+                id,
+                expected,
+                actual,
+            } => Self::Conflict {
+                id: *id,
+                expected: *expected,
+                actual: *actual,
+            },
+            Self::Fenced { id, token, current } => Self::Fenced {
+                id: *id,
+                token: *token,
+                current: *current,
+            },
+            Self::NotFound(id) => Self::NotFound(*id),
+            Self::AlreadyExists(id) => Self::AlreadyExists(*id),
+            Self::InvalidArgument(m) => Self::InvalidArgument(m.clone()),
+            Self::Unavailable {
+                backend, message, ..
+            } => Self::Unavailable {
+                backend,
+                message: message.clone(),
+                source: None,
+            },
+            Self::Timeout { backend, after } => Self::Timeout {
+                backend,
+                after: *after,
+            },
+            Self::Unauthorized { backend, message } => Self::Unauthorized {
+                backend,
+                message: message.clone(),
+            },
+            Self::Corrupt { backend, message } => Self::Corrupt {
+                backend,
+                message: message.clone(),
+            },
+        }
+    }
+
     /// Whether retrying the same call later may succeed.
     pub const fn is_transient(&self) -> bool {
         matches!(self, Self::Unavailable { .. } | Self::Timeout { .. })

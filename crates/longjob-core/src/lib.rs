@@ -9,12 +9,14 @@
 //! - the four backend traits: [`JobStore`], [`Queue`], [`ProgressBus`], [`BlobStore`];
 //! - [`RetryPolicy`] and [`Timeouts`];
 //! - the worker runtime ([`worker`]) and the [`LongJob`] facade;
+//! - [`batch`]: write combining for backend authors;
 //! - in-memory backends ([`memory`]) and a local-disk blob store ([`local_disk`]);
 //! - with the `testkit` feature, the conformance suites every backend must pass ([`testkit`]).
 //!
 //! It knows no backend, no HTTP framework and no download domain.
 #![deny(missing_docs)]
 
+pub mod batch;
 pub mod blob;
 pub mod bus;
 mod error;
