@@ -530,6 +530,19 @@ struct CountingQueue {
     inner: MemoryQueue,
     extend_calls: AtomicUsize,
     largest_extend: AtomicUsize,
+    /// The size of each claim that leased something.
+    claims: Mutex<Vec<usize>>,
+}
+
+impl CountingQueue {
+    fn new() -> Self {
+        Self {
+            inner: MemoryQueue::new(),
+            extend_calls: AtomicUsize::new(0),
+            largest_extend: AtomicUsize::new(0),
+            claims: Mutex::new(Vec::new()),
+        }
+    }
 }
 
 #[async_trait]
@@ -538,7 +551,11 @@ impl Queue for CountingQueue {
         self.inner.push(job, delay).await
     }
     async fn claim(&self, max: usize, ttl: Duration, wait: Duration) -> BackendResult<Vec<Lease>> {
-        self.inner.claim(max, ttl, wait).await
+        let leases = self.inner.claim(max, ttl, wait).await?;
+        if !leases.is_empty() {
+            self.claims.lock().unwrap().push(leases.len());
+        }
+        Ok(leases)
     }
     async fn extend(&self, leases: &[Lease], ttl: Duration) -> BackendResult<Vec<bool>> {
         self.extend_calls.fetch_add(1, Ordering::SeqCst);
@@ -560,15 +577,53 @@ impl Queue for CountingQueue {
     }
 }
 
+/// Slots freed a few milliseconds apart are claimed together (one claim, and one batch for each
+/// later step), and with no gathering each is claimed on its own.
+#[tokio::test(start_paused = true)]
+async fn slots_freed_together_are_claimed_together() {
+    for (gather, expected) in [
+        (Duration::from_millis(5), vec![8, 8]),
+        (Duration::ZERO, vec![8, 2, 2, 2, 2]),
+    ] {
+        let queue = Arc::new(CountingQueue::new());
+        let lj = LongJob::builder()
+            .queue(queue.clone())
+            .config(config(1))
+            .build();
+        let mut ids = Vec::new();
+        for _ in 0..16 {
+            ids.push(submit(&lj, "staggered", &[]).await);
+        }
+        let mut cfg = worker_config();
+        cfg.concurrency = 8;
+        cfg.claim_gather = gather;
+        let started = AtomicUsize::new(0);
+        let started = Arc::new(started);
+        let worker = lj
+            .worker()
+            .config(cfg)
+            .handle("staggered", move |_, _: serde_json::Value| {
+                // Two jobs end at each of four instants a millisecond apart.
+                let n = started.fetch_add(1, Ordering::SeqCst) as u64;
+                async move {
+                    tokio::time::sleep(Duration::from_millis(1000 + n % 4)).await;
+                    Ok(None)
+                }
+            })
+            .start();
+        for id in &ids {
+            wait_state(&lj, *id, JobState::Completed).await;
+        }
+        assert_eq!(*queue.claims.lock().unwrap(), expected, "gather {gather:?}");
+        worker.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
 /// Twenty jobs that outlive their lease several times: one extend call per heartbeat carries all
 /// twenty leases, and no lease is lost.
 #[tokio::test(start_paused = true)]
 async fn one_extend_call_per_heartbeat_keeps_every_lease() {
-    let queue = Arc::new(CountingQueue {
-        inner: MemoryQueue::new(),
-        extend_calls: AtomicUsize::new(0),
-        largest_extend: AtomicUsize::new(0),
-    });
+    let queue = Arc::new(CountingQueue::new());
     let lj = LongJob::builder()
         .queue(queue.clone())
         .config(config(1))

@@ -47,6 +47,9 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Duration,
     /// How long one claim waits for work when the queue is empty. Default 5 s.
     pub claim_wait: Duration,
+    /// While jobs run, how long the claimer waits for more free slots to claim them together
+    /// (one claim, and one batch for each later step). Default 5 ms; zero claims at once.
+    pub claim_gather: Duration,
     /// The least time between two progress events of one job. Default 250 ms.
     pub progress_interval: Duration,
     /// The least time between two progress writes of one job to the store. Default 1 s.
@@ -63,6 +66,7 @@ impl Default for WorkerConfig {
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             claim_wait: Duration::from_secs(5),
+            claim_gather: Duration::from_millis(5),
             progress_interval: Duration::from_millis(250),
             store_flush_interval: Duration::from_secs(1),
             purge_interval: Some(Duration::from_secs(60)),
@@ -271,9 +275,21 @@ async fn claim_loop(
             () = stop.cancelled() => return,
         };
         let mut permits = vec![first];
+        // While jobs run, slots come back one by one; claiming each at once would split the work
+        // into batches of one, and every later step of a job (reads, writes, events, acks) with
+        // it. A short wait gathers the slots freed meanwhile into one claim.
+        let gather_until = tokio::time::Instant::now() + config.claim_gather;
         while permits.len() < batch {
             match Arc::clone(&slots).try_acquire_owned() {
                 Ok(p) => permits.push(p),
+                Err(_) if slots.available_permits() + permits.len() < config.concurrency => {
+                    let next =
+                        tokio::time::timeout_at(gather_until, Arc::clone(&slots).acquire_owned());
+                    match next.await {
+                        Ok(Ok(p)) => permits.push(p),
+                        _ => break,
+                    }
+                }
                 Err(_) => break,
             }
         }
