@@ -10,13 +10,16 @@
 //! After a job's terminal event, its event keys expire with the finished-job retention.
 
 use std::collections::VecDeque;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 
 use async_trait::async_trait;
 use chrono::Utc;
 use futures::StreamExt;
+use longjob_core::batch::Batcher;
 use longjob_core::bus::{CancelStream, EventStream};
-use longjob_core::{BackendError, BackendResult, EventPayload, JobEvent, JobId, ProgressBus};
+use longjob_core::{
+    BackendError, BackendResult, EventPayload, JobEvent, JobId, JobState, ProgressBus,
+};
 use redis::Script;
 use tokio::sync::broadcast;
 
@@ -30,36 +33,49 @@ const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
 /// Events read per `XRANGE` page.
 const PAGE: usize = 500;
 
-/// KEYS: seq, stream. ARGV: event JSON (starting with the placeholder), max length, live
-/// channel, expiry ms (0: keep). Returns the event's seq.
-static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
+/// Publishes many events. ARGV: base, max length, then per event 3 values: job id, event JSON
+/// (starting with the placeholder), expiry ms (0: leave as is; -1: keep for good, for a job
+/// queued again, whose keys may be expiring after an earlier end). Keys are `<base>ev:<id>:seq`, the
+/// stream `<base>ev:<id>` and the live channel `<base>ev:<id>:live`. Returns each event's seq.
+static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
-local seq = redis.call('INCR', KEYS[1])
-local body = string.sub(ARGV[1], 9)
-local event = '{"seq":' .. seq .. body
-local added = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', event)
-if type(added) == 'table' and added.err then
-  -- The counter is behind the stream (it was lost): continue after the stream's last entry.
-  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
-  redis.call('SET', KEYS[1], seq)
-  event = '{"seq":' .. seq .. body
-  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], seq .. '-0', 'e', event)
+local base, maxlen = ARGV[1], ARGV[2]
+local out = {}
+for i = 3, #ARGV, 3 do
+  local key = base .. 'ev:' .. ARGV[i]
+  local seqkey = key .. ':seq'
+  local seq = redis.call('INCR', seqkey)
+  local body = string.sub(ARGV[i + 1], 9)
+  local event = '{"seq":' .. seq .. body
+  local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
+  if type(added) == 'table' and added.err then
+    -- The counter is behind the stream (it was lost): continue after the stream's last entry.
+    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
+    redis.call('SET', seqkey, seq)
+    event = '{"seq":' .. seq .. body
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
+  end
+  redis.call('PUBLISH', key .. ':live', event)
+  local expiry = tonumber(ARGV[i + 2])
+  if expiry > 0 then
+    redis.call('PEXPIRE', seqkey, expiry)
+    redis.call('PEXPIRE', key, expiry)
+  elseif expiry < 0 and redis.call('PTTL', seqkey) >= 0 then
+    -- A manual retry after the job finished: keep its events again.
+    redis.call('PERSIST', seqkey)
+    redis.call('PERSIST', key)
+  end
+  out[#out + 1] = seq
 end
-redis.call('PUBLISH', ARGV[3], event)
-if tonumber(ARGV[4]) > 0 then
-  redis.call('PEXPIRE', KEYS[1], ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], ARGV[4])
-elseif redis.call('PTTL', KEYS[1]) >= 0 then
-  -- A manual retry after the job finished: keep its events again.
-  redis.call('PERSIST', KEYS[1])
-  redis.call('PERSIST', KEYS[2])
-end
-return seq
+return out
 "#,
     )
 });
+
+/// Most events gathered into one script call.
+const PUBLISH_BATCH: usize = 64;
 
 /// A [`ProgressBus`] on Redis. Build it with [`Redis::bus`] or [`RedisProgressBus::connect`].
 ///
@@ -82,15 +98,24 @@ return seq
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Concurrent [`publish`](ProgressBus::publish)es are gathered into one script call
+/// ([`Batcher`]); each job's events keep their order, since a caller publishes its next event
+/// only once the previous one is answered.
 #[derive(Debug, Clone)]
 pub struct RedisProgressBus {
     redis: Redis,
+    publishes: Arc<Batcher<JobEvent, JobEvent>>,
 }
 
 impl RedisProgressBus {
     /// The bus of `redis`.
     pub fn new(redis: Redis) -> Self {
-        Self { redis }
+        let publishes = Arc::new(Batcher::new(BACKEND, PUBLISH_BATCH, 1, {
+            let redis = redis.clone();
+            move |events| publish_many(redis.clone(), events)
+        }));
+        Self { redis, publishes }
     }
 
     /// Connects to Redis and returns its bus.
@@ -198,41 +223,66 @@ impl Subscription {
     }
 }
 
-#[async_trait]
-impl ProgressBus for RedisProgressBus {
-    async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
-        let mut event = JobEvent {
-            seq: 0,
-            job_id: job,
-            at: Utc::now(),
-            payload,
-        };
-        let json = serde_json::to_string(&event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
+/// Publishes a batch of events (`seq` 0) in one script call; answers them with their `seq`.
+async fn publish_many(
+    redis: Redis,
+    mut events: Vec<JobEvent>,
+) -> BackendResult<Vec<BackendResult<JobEvent>>> {
+    let config = &redis.shared.config;
+    let mut inv = PUBLISH_MANY.prepare_invoke();
+    inv.arg(redis.shared.keys.base())
+        .arg(config.event_retention.max(1));
+    for event in &events {
+        let json = serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
         if !json.starts_with(SEQ_PLACEHOLDER) {
             return Err(BackendError::corrupt(
                 BACKEND,
                 "an event does not serialize with seq first",
             ));
         }
-        let config = &self.redis.shared.config;
         let expiry = if event.is_terminal() {
-            millis(config.finished_retention).max(1)
+            i64::try_from(millis(config.finished_retention))
+                .unwrap_or(i64::MAX)
+                .max(1)
+        } else if matches!(
+            event.payload,
+            EventPayload::Status {
+                status: JobState::Queued,
+                ..
+            }
+        ) {
+            -1
         } else {
             0
         };
-        let mut inv = PUBLISH.prepare_invoke();
-        inv.key(self.key(job, ":seq"))
-            .key(self.key(job, ""))
-            .arg(json)
-            .arg(config.event_retention.max(1))
-            .arg(self.key(job, ":live"))
-            .arg(expiry);
-        event.seq = self
-            .redis
-            .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        Ok(event)
+        inv.arg(event.job_id.to_string()).arg(json).arg(expiry);
+    }
+    let seqs: Vec<u64> = redis
+        .shared
+        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .await?;
+    if seqs.len() != events.len() {
+        return Err(BackendError::corrupt(
+            BACKEND,
+            format!("{} publishes answered {} seqs", events.len(), seqs.len()),
+        ));
+    }
+    for (event, seq) in events.iter_mut().zip(seqs) {
+        event.seq = seq;
+    }
+    Ok(events.into_iter().map(Ok).collect())
+}
+
+#[async_trait]
+impl ProgressBus for RedisProgressBus {
+    async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
+        let event = JobEvent {
+            seq: 0,
+            job_id: job,
+            at: Utc::now(),
+            payload,
+        };
+        self.publishes.call(event).await
     }
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {

@@ -1,4 +1,5 @@
-//! [`RedisQueue`]: leased delivery of job ids, one Lua script per operation.
+//! [`RedisQueue`]: leased delivery of job ids, one Lua script per operation (acks of many
+//! leases gathered into one).
 //!
 //! Keys (all under the prefix's hash tag):
 //! - `q:waiting`: sorted set of waiting job ids scored by due time (ms, Redis clock);
@@ -7,10 +8,11 @@
 //! - `q:seq`: the fencing token counter (`INCR`, monotonic for the life of the data);
 //! - channel `q:wake`: published on every push, so waiting claimers wake at once.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use longjob_core::batch::Batcher;
 use longjob_core::queue::{Lease, QueueStats};
 use longjob_core::{BackendError, BackendResult, JobId, Queue};
 use redis::Script;
@@ -117,17 +119,28 @@ return out
     ))
 });
 
-/// KEYS: leased, tokens. ARGV: id, token. Returns 1 if the lease was held (and the job is gone).
-static ACK: LazyLock<Script> = LazyLock::new(|| {
+/// KEYS: leased, tokens. ARGV: id1, token1, id2, token2, ... Returns, per lease, 1 if it was
+/// held (and the job is gone) or 0.
+static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{HELD}
-if not held(ARGV[1], ARGV[2]) then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-return 1
+local out = {{}}
+for i = 1, #ARGV, 2 do
+  if held(ARGV[i], ARGV[i + 1]) then
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
 "
     ))
 });
+
+/// Most acks gathered into one script call.
+const ACK_BATCH: usize = 64;
 
 /// KEYS: leased, tokens, waiting. ARGV: id, token, delay ms, wake channel.
 static REQUEUE: LazyLock<Script> = LazyLock::new(|| {
@@ -182,18 +195,26 @@ pub struct RedisQueue {
     tokens: String,
     seq: String,
     wake: String,
+    acks: Arc<Batcher<Lease, bool>>,
 }
 
 impl RedisQueue {
     /// The queue of `redis`.
     pub fn new(redis: Redis) -> Self {
         let keys = &redis.shared.keys;
+        let (leased, tokens) = (keys.key("q:leased"), keys.key("q:tokens"));
+        let acks = Arc::new(Batcher::new(BACKEND, ACK_BATCH, 1, {
+            let redis = redis.clone();
+            let keys = [leased.clone(), tokens.clone()];
+            move |leases| ack_many(redis.clone(), keys.clone(), leases)
+        }));
         Self {
             waiting: keys.key("q:waiting"),
-            leased: keys.key("q:leased"),
-            tokens: keys.key("q:tokens"),
             seq: keys.key("q:seq"),
             wake: keys.key("q:wake"),
+            leased,
+            tokens,
+            acks,
             redis,
         }
     }
@@ -261,6 +282,25 @@ impl RedisQueue {
 fn parse<T: std::str::FromStr>(s: Option<&str>) -> BackendResult<T> {
     s.and_then(|s| s.parse().ok())
         .ok_or_else(|| BackendError::corrupt(BACKEND, format!("unexpected script answer {s:?}")))
+}
+
+/// Acks a batch of leases in one script call (keys: leased, tokens).
+async fn ack_many(
+    redis: Redis,
+    keys: [String; 2],
+    leases: Vec<Lease>,
+) -> BackendResult<Vec<BackendResult<bool>>> {
+    let mut inv = ACK_MANY.prepare_invoke();
+    inv.key(&keys[0]).key(&keys[1]);
+    for lease in &leases {
+        inv.arg(lease.job_id.to_string())
+            .arg(lease.token.to_string());
+    }
+    let done: Vec<i64> = redis
+        .shared
+        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .await?;
+    Ok(done.into_iter().map(|d| Ok(d == 1)).collect())
 }
 
 #[async_trait]
@@ -339,17 +379,7 @@ impl Queue for RedisQueue {
     }
 
     async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
-        let mut inv = ACK.prepare_invoke();
-        inv.key(&self.leased)
-            .key(&self.tokens)
-            .arg(lease.job_id.to_string())
-            .arg(lease.token.to_string());
-        let done: i64 = self
-            .redis
-            .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        Ok(done == 1)
+        self.acks.call(*lease).await
     }
 
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {

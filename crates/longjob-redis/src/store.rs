@@ -10,11 +10,12 @@
 //! - `finished`: sorted set of finished job ids scored by finishing time (µs), for purges;
 //! - `idem:<owner length>:<owner>:<key>`: the job id holding an idempotency key, with its TTL.
 
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use longjob_core::batch::Batcher;
 use longjob_core::store::{Inserted, OwnerCounts};
 use longjob_core::{BackendError, BackendResult, Job, JobId, JobStore};
 use redis::Script;
@@ -23,7 +24,8 @@ use crate::{BACKEND, Redis, micros, millis};
 
 /// Writes the secondary records of a job being stored, given whether it is `terminal` ('1'/'0')
 /// now and whether it `was` before ('1', '0', or '' for a new job): only a change of
-/// finishedness touches the active set, the finished index and the expiry.
+/// finishedness touches the active set, the finished index and the expiry. The caller writes
+/// the hash's `f` field itself, in the same `HSET` as the job.
 const INDEX: &str = r"
 local function index(base, jobkey, id, owner, terminal, finished, retention, was)
   if terminal == '1' then
@@ -37,7 +39,6 @@ local function index(base, jobkey, id, owner, terminal, finished, retention, was
       redis.call('PERSIST', jobkey)
     end
   end
-  redis.call('HSET', jobkey, 'f', terminal)
 end
 ";
 
@@ -58,7 +59,7 @@ end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {{'exists'}} end
 local idem = ''
 if ARGV[10] == '1' then idem = KEYS[2] end
-redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem)
+redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem, 'f', ARGV[6])
 redis.call('ZADD', base .. 'owner:' .. ARGV[4] .. ':jobs', ARGV[5], ARGV[3])
 index(base, KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8], '')
 if ARGV[10] == '1' and tonumber(ARGV[11]) > 0 then
@@ -81,7 +82,7 @@ end
 for i = 3, #ARGV, 7 do
   local id, owner = ARGV[i + 1], ARGV[i + 2]
   local jobkey = base .. 'job:' .. id
-  redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '')
+  redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '', 'f', ARGV[i + 4])
   redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
   index(base, jobkey, id, owner, ARGV[i + 4], ARGV[i + 5], ARGV[2], '')
 end
@@ -90,23 +91,39 @@ return ''
     ))
 });
 
-/// KEYS: job. ARGV: base, json, expected version, token, terminal, finished µs, retention ms, id.
-/// Returns {'ok'}, {'missing'}, {'conflict', v, t} or {'fenced', v, t}.
-static UPDATE: LazyLock<Script> = LazyLock::new(|| {
+/// Compare-and-set writes of many jobs. ARGV: base, retention ms, then per write 6 values:
+/// id, json, expected version, token, terminal, finished µs. Returns 3 values per write:
+/// 'ok'|'missing'|'conflict'|'fenced', the stored version and the stored token.
+static UPDATE_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{INDEX}
-local cur = redis.call('HMGET', KEYS[1], 'v', 't', 'o', 'f')
-if not cur[1] then return {{'missing'}} end
-if tonumber(cur[1]) ~= tonumber(ARGV[3]) then return {{'conflict', cur[1], cur[2]}} end
-if tonumber(ARGV[4]) < tonumber(cur[2]) then return {{'fenced', cur[1], cur[2]}} end
-redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', tonumber(ARGV[3]) + 1, 't', ARGV[4])
-if ARGV[5] == '1' or cur[4] ~= '0' then
-  index(ARGV[1], KEYS[1], ARGV[8], cur[3], ARGV[5], ARGV[6], ARGV[7], cur[4] or '')
+local base, retention = ARGV[1], ARGV[2]
+local out = {{}}
+for i = 3, #ARGV, 6 do
+  local id = ARGV[i]
+  local jobkey = base .. 'job:' .. id
+  local cur = redis.call('HMGET', jobkey, 'v', 't', 'o', 'f')
+  if not cur[1] then
+    out[#out + 1] = 'missing'; out[#out + 1] = '0'; out[#out + 1] = '0'
+  elseif tonumber(cur[1]) ~= tonumber(ARGV[i + 2]) then
+    out[#out + 1] = 'conflict'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
+  elseif tonumber(ARGV[i + 3]) < tonumber(cur[2]) then
+    out[#out + 1] = 'fenced'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
+  else
+    redis.call('HSET', jobkey, 'j', ARGV[i + 1], 'v', tonumber(ARGV[i + 2]) + 1, 't', ARGV[i + 3], 'f', ARGV[i + 4])
+    if ARGV[i + 4] == '1' or cur[4] ~= '0' then
+      index(base, jobkey, id, cur[3], ARGV[i + 4], ARGV[i + 5], retention, cur[4] or '')
+    end
+    out[#out + 1] = 'ok'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
+  end
 end
-return {{'ok'}}
+return out
 "
     ))
 });
+
+/// Most writes gathered into one script call.
+const UPDATE_BATCH: usize = 64;
 
 /// KEYS: owner jobs index. ARGV: base, limit. The newest jobs' JSON; forgets expired ones.
 static LIST: LazyLock<Script> = LazyLock::new(|| {
@@ -197,18 +214,29 @@ const INSERT_CHUNK: usize = 500;
 /// # Ok(())
 /// # }
 /// ```
+///
+/// Concurrent [`update`](JobStore::update)s (a worker's jobs starting and finishing) are
+/// gathered into one script call ([`Batcher`]).
 #[derive(Debug, Clone)]
 pub struct RedisJobStore {
     redis: Redis,
     base: String,
+    updates: Arc<Batcher<Job, Job>>,
 }
 
 impl RedisJobStore {
     /// The store of `redis`.
     pub fn new(redis: Redis) -> Self {
+        let base = redis.shared.keys.base().to_owned();
+        let updates = Arc::new(Batcher::new(BACKEND, UPDATE_BATCH, 1, {
+            let redis = redis.clone();
+            let base = base.clone();
+            move |jobs| update_many(redis.clone(), base.clone(), jobs)
+        }));
         Self {
-            base: redis.shared.keys.base().to_owned(),
+            base,
             redis,
+            updates,
         }
     }
 
@@ -252,6 +280,62 @@ fn finished_micros(job: &Job) -> i64 {
 
 fn num(s: Option<&String>) -> u64 {
     s.and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Writes a batch of jobs in one script call; each answer is the job as stored, or why not.
+async fn update_many(
+    redis: Redis,
+    base: String,
+    jobs: Vec<Job>,
+) -> BackendResult<Vec<BackendResult<Job>>> {
+    let retention = millis(redis.shared.config.finished_retention).max(1);
+    let mut inv = UPDATE_MANY.prepare_invoke();
+    inv.arg(&base).arg(retention);
+    let mut nexts = Vec::with_capacity(jobs.len());
+    for job in &jobs {
+        let mut next = job.clone();
+        next.version = job.version.saturating_add(1);
+        inv.arg(job.id.to_string())
+            .arg(encode(&next)?)
+            .arg(job.version.to_string())
+            .arg(job.lease_token.to_string())
+            .arg(terminal(job))
+            .arg(finished_micros(job));
+        nexts.push(next);
+    }
+    let out: Vec<String> = redis
+        .shared
+        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .await?;
+    if out.len() != jobs.len() * 3 {
+        return Err(BackendError::corrupt(
+            BACKEND,
+            format!("{} updates answered {} values", jobs.len(), out.len()),
+        ));
+    }
+    Ok(jobs
+        .iter()
+        .zip(nexts)
+        .zip(out.chunks(3))
+        .map(|((job, next), answer)| match answer[0].as_str() {
+            "ok" => Ok(next),
+            "missing" => Err(BackendError::NotFound(job.id)),
+            "conflict" => Err(BackendError::Conflict {
+                id: job.id,
+                expected: job.version,
+                actual: num(answer.get(1)),
+            }),
+            "fenced" => Err(BackendError::Fenced {
+                id: job.id,
+                token: job.lease_token,
+                current: num(answer.get(2)),
+            }),
+            other => Err(BackendError::corrupt(
+                BACKEND,
+                format!("update answered {other:?}"),
+            )),
+        })
+        .collect())
 }
 
 #[async_trait]
@@ -345,41 +429,7 @@ impl JobStore for RedisJobStore {
     }
 
     async fn update(&self, job: &Job) -> BackendResult<Job> {
-        let mut next = job.clone();
-        next.version = job.version.saturating_add(1);
-        let mut inv = UPDATE.prepare_invoke();
-        inv.key(self.job_key(job.id))
-            .arg(&self.base)
-            .arg(encode(&next)?)
-            .arg(job.version.to_string())
-            .arg(job.lease_token.to_string())
-            .arg(terminal(job))
-            .arg(finished_micros(job))
-            .arg(self.retention_ms())
-            .arg(job.id.to_string());
-        let out: Vec<String> = self
-            .redis
-            .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        match out.first().map(String::as_str) {
-            Some("ok") => Ok(next),
-            Some("missing") => Err(BackendError::NotFound(job.id)),
-            Some("conflict") => Err(BackendError::Conflict {
-                id: job.id,
-                expected: job.version,
-                actual: num(out.get(1)),
-            }),
-            Some("fenced") => Err(BackendError::Fenced {
-                id: job.id,
-                token: job.lease_token,
-                current: num(out.get(2)),
-            }),
-            other => Err(BackendError::corrupt(
-                BACKEND,
-                format!("update answered {other:?}"),
-            )),
-        }
+        self.updates.call(job.clone()).await
     }
 
     async fn list_by_owner(&self, owner: &str, limit: usize) -> BackendResult<Vec<Job>> {
