@@ -1,13 +1,14 @@
 //! [`RedisProgressBus`]: per-job capped streams for replay, pub/sub for live delivery.
 //!
 //! Keys (all under the prefix's hash tag):
-//! - `ev:<id>:seq`: the job's event counter;
 //! - `ev:<id>`: a stream capped at about [`RedisConfig::event_retention`](crate::RedisConfig)
-//!   entries, whose entry ids are `<seq>-0`, so `XRANGE` after a seq is direct;
+//!   entries, whose entry ids are `0-<seq>`: `XADD … 0-*` numbers a job's events (Redis keeps the
+//!   last number across trims), and `XRANGE` after a seq is direct. Streams of earlier versions
+//!   have ids `<seq>-0` and a counter key `ev:<id>:seq`; they keep that scheme;
 //! - channel `ev:<id>:live`: each event as published, for subscribers in every process;
 //! - channel `cancel`: cancel requests.
 //!
-//! After a job's terminal event, its event keys expire with the finished-job retention.
+//! After a job's terminal event, its event stream expires with the finished-job retention.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, LazyLock};
@@ -35,8 +36,12 @@ const PAGE: usize = 500;
 
 /// Publishes many events. ARGV: base, max length, then per event 3 values: job id, event JSON
 /// (starting with the placeholder), expiry ms (0: leave as is; -1: keep for good, for a job
-/// queued again, whose keys may be expiring after an earlier end). Keys are `<base>ev:<id>:seq`, the
-/// stream `<base>ev:<id>` and the live channel `<base>ev:<id>:live`. Returns each event's seq.
+/// queued again, whose keys may be expiring after an earlier end). Returns each event's seq.
+///
+/// The job's stream numbers its events: `XADD` with id `0-*` gives the entry the next sequence
+/// number (`0-1`, `0-2`, …, kept by Redis across trims), and the entry holds the event without
+/// its seq. Streams written by earlier versions (ids `<seq>-0`, with a counter key
+/// `ev:<id>:seq`) refuse `0-*`; their jobs keep the counter scheme.
 static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -44,27 +49,31 @@ local base, maxlen = ARGV[1], ARGV[2]
 local out = {}
 for i = 3, #ARGV, 3 do
   local key = base .. 'ev:' .. ARGV[i]
-  local seqkey = key .. ':seq'
-  local seq = redis.call('INCR', seqkey)
   local body = string.sub(ARGV[i + 1], 9)
-  local event = '{"seq":' .. seq .. body
-  local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
+  local seq
+  local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '0-*', 'e', body)
   if type(added) == 'table' and added.err then
-    -- The counter is behind the stream (it was lost): continue after the stream's last entry.
-    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-    seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
-    redis.call('SET', seqkey, seq)
-    event = '{"seq":' .. seq .. body
-    redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', event)
+    local seqkey = key .. ':seq'
+    seq = redis.call('INCR', seqkey)
+    local ok = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{"seq":' .. seq .. body)
+    if type(ok) == 'table' and ok.err then
+      -- The counter is behind the stream (it was lost): continue after the stream's last entry.
+      local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+      seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
+      redis.call('SET', seqkey, seq)
+      redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{"seq":' .. seq .. body)
+    end
+    if tonumber(ARGV[i + 2]) > 0 then redis.call('PEXPIRE', seqkey, ARGV[i + 2]) end
+    if tonumber(ARGV[i + 2]) < 0 then redis.call('PERSIST', seqkey) end
+  else
+    seq = tonumber(string.match(added, '^0%-(%d+)$'))
   end
-  redis.call('PUBLISH', key .. ':live', event)
+  redis.call('PUBLISH', key .. ':live', '{"seq":' .. seq .. body)
   local expiry = tonumber(ARGV[i + 2])
   if expiry > 0 then
-    redis.call('PEXPIRE', seqkey, expiry)
     redis.call('PEXPIRE', key, expiry)
-  elseif expiry < 0 and redis.call('PTTL', seqkey) >= 0 then
+  elseif expiry < 0 and redis.call('PTTL', key) >= 0 then
     -- A manual retry after the job finished: keep its events again.
-    redis.call('PERSIST', seqkey)
     redis.call('PERSIST', key)
   end
   out[#out + 1] = seq
@@ -129,10 +138,36 @@ impl RedisProgressBus {
 
     /// Up to [`PAGE`] retained events after `after`, and whether the page was full.
     async fn fetch(&self, job: JobId, after: u64) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+        let mut entries = self
+            .range(job, format!("0-{}", after.saturating_add(1)))
+            .await?;
+        if entries.first().is_some_and(|(id, _)| !id.starts_with("0-")) {
+            // A stream of the earlier scheme (ids `<seq>-0`, which sort after every `0-…`).
+            entries = self
+                .range(job, format!("{}-0", after.saturating_add(1)))
+                .await?;
+        }
+        let full = entries.len() >= PAGE;
+        let mut events = VecDeque::with_capacity(entries.len());
+        for (id, fields) in entries {
+            let body = fields
+                .get(1)
+                .ok_or_else(|| BackendError::corrupt(BACKEND, "event entry without body"))?;
+            // Entries `0-<seq>` hold the event without its seq; earlier ones hold it whole.
+            let event: JobEvent = match id.strip_prefix("0-") {
+                Some(seq) => serde_json::from_str(&format!("{{\"seq\":{seq}{body}")),
+                None => serde_json::from_str(body),
+            }
+            .map_err(|e| BackendError::corrupt(BACKEND, format!("event {id}: {e}")))?;
+            events.push_back(event);
+        }
+        Ok((events, full))
+    }
+
+    /// Up to [`PAGE`] entries of the job's stream from `start` on.
+    async fn range(&self, job: JobId, start: String) -> BackendResult<Vec<(String, Vec<String>)>> {
         let key = self.key(job, "");
-        let start = format!("{}-0", after.saturating_add(1));
-        let entries: Vec<(String, Vec<String>)> = self
-            .redis
+        self.redis
             .shared
             .run(|mut c| async move {
                 redis::cmd("XRANGE")
@@ -144,19 +179,7 @@ impl RedisProgressBus {
                     .query_async(&mut c)
                     .await
             })
-            .await?;
-        let full = entries.len() >= PAGE;
-        let events = entries
-            .into_iter()
-            .map(|(_, fields)| {
-                let json = fields
-                    .get(1)
-                    .ok_or_else(|| BackendError::corrupt(BACKEND, "event entry without body"))?;
-                serde_json::from_str(json)
-                    .map_err(|e| BackendError::corrupt(BACKEND, format!("event: {e}")))
-            })
-            .collect::<BackendResult<VecDeque<JobEvent>>>()?;
-        Ok((events, full))
+            .await
     }
 }
 
