@@ -317,9 +317,8 @@ async fn conclude(
         }
         Outcome::Done(Err(error)) => {
             let attempt = ctx.attempt();
-            let max_attempts = persist(shared, || lj.store().get(lease.job_id))
-                .await?
-                .map_or(attempt, |j| j.max_attempts);
+            // A job's attempt budget is set at submit; our copy of the job has it.
+            let max_attempts = ctx.inner().stored.lock().await.max_attempts;
             match policy.decide(attempt, max_attempts, &error) {
                 RetryDecision::RetryAfter(delay) => {
                     let run_at = Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
