@@ -165,12 +165,13 @@ impl Sql {
                 s = db.schema
             ),
             // Two index scans: the owner's jobs since a time, and the owner's unfinished jobs
-            // (a partial index holds only those).
+            // (a partial index holds only those). Unfinished is `finished_at IS NULL`, which
+            // core keeps equal to a non-terminal state; the predicate must match the index's.
             count: db.sql(
                 "SELECT (SELECT count(*) FROM {s}.download_jobs \
                      WHERE owner = $1 AND created_at >= $2) AS created, \
                    (SELECT count(*) FROM {s}.download_jobs WHERE owner = $1 \
-                     AND state NOT IN ('completed', 'failed', 'cancelled')) AS active",
+                     AND finished_at IS NULL) AS active",
             ),
             purge: format!(
                 "WITH v AS (SELECT id FROM {s}.download_jobs \
