@@ -72,25 +72,26 @@ const INSERT_ITEMS: &str = "INSERT INTO {s}.file_records (job_id, ord, item_id, 
     FROM j, unnest($18::text[], $19::text[], $20::int8[], $21::text[]) \
         WITH ORDINALITY AS t(item_id, status, size, error, ord)";
 
-/// Many compare-and-set updates in one statement. The rows are locked in id order first (so
-/// concurrent batches never deadlock); each op's CAS is checked on the latest row version.
-/// Answers `(op, new version)` for the ops that were written.
+/// Many compare-and-set updates in one statement; each op's CAS is checked on the latest row
+/// version (a row updated meanwhile is re-read and re-checked, as any UPDATE in READ COMMITTED).
+/// The ops, sorted by id, drive a nested loop over the primary key, so rows are updated (and
+/// locked) in id order and concurrent batches do not deadlock; locking them in a step of their
+/// own first would write one more WAL record per row. Answers `(op, new version)` for the ops
+/// that were written.
 const UPDATE_MANY: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], \
        $4::text[], $5::text[], $6::text[], $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], \
        $11::jsonb[], $12::jsonb[], $13::text[], $14::timestamptz[], $15::timestamptz[], \
        $16::timestamptz[], $17::timestamptz[], $18::int4[], $19::int4[]) \
      AS v(id, version, token, kind, owner, state, attempt, max_attempts, payload, progress, \
        error, result, idempotency_key, updated_at, started_at, finished_at, run_at, n_items, op)), \
-   locked AS (SELECT j.id FROM {s}.download_jobs j WHERE j.id IN (SELECT id FROM v) \
-     ORDER BY j.id FOR UPDATE), \
    u AS (UPDATE {s}.download_jobs j SET kind = v.kind, owner = v.owner, state = v.state, \
        version = j.version + 1, lease_token = v.token, attempt = v.attempt, \
        max_attempts = v.max_attempts, payload = v.payload, progress = v.progress, \
        error = v.error, result = v.result, idempotency_key = v.idempotency_key, \
        updated_at = v.updated_at, started_at = v.started_at, finished_at = v.finished_at, \
        run_at = v.run_at \
-     FROM v, locked \
-     WHERE j.id = v.id AND locked.id = v.id AND j.version = v.version AND j.lease_token <= v.token \
+     FROM (SELECT * FROM v ORDER BY id) v \
+     WHERE j.id = v.id AND j.version = v.version AND j.lease_token <= v.token \
      RETURNING v.op, j.id, j.version, v.n_items), \
    f AS (INSERT INTO {s}.file_records AS r (job_id, ord, item_id, status, size, error) \
      SELECT u.id, t.ord, t.item_id, t.status, t.size, t.error \
