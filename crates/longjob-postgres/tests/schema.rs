@@ -166,3 +166,53 @@ async fn the_unfinished_count_reads_the_partial_index() {
     let plan = plan.join("\n");
     assert!(plan.contains("download_jobs_unfinished"), "{plan}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_at_schema_version_1_is_migrated_with_its_jobs() {
+    use sqlx::Connection;
+    let config = common::config();
+    // Version 1 alone, as deployed databases have it: a directory holding only its file.
+    let dir = std::env::temp_dir().join(format!("lj-migrations-{}", rand::random::<u64>()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/0001_longjob.sql"),
+        dir.join("0001_longjob.sql"),
+    )
+    .unwrap();
+    let v1 = sqlx::migrate::Migrator::new(dir.as_path()).await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&config.url).await.unwrap();
+    for statement in [
+        format!("CREATE SCHEMA {}", config.schema),
+        format!("SET search_path TO {}", config.schema),
+    ] {
+        sqlx::query(&statement).execute(&mut conn).await.unwrap();
+    }
+    v1.run(&mut conn).await.unwrap();
+    sqlx::query(
+        "INSERT INTO download_jobs (id, kind, owner, state, version, payload, progress, \
+           created_at, updated_at, finished_at) VALUES \
+         (gen_random_uuid(), 'k', 'v1', 'queued', 1, '{}', '{}', now(), now(), NULL), \
+         (gen_random_uuid(), 'k', 'v1', 'completed', 1, '{}', '{}', now(), now(), now())",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let pg = common::connect_with(config).await;
+    let counts = pg
+        .store()
+        .count_by_owner("v1", Utc::now() - chrono::Duration::hours(1))
+        .await
+        .unwrap();
+    assert_eq!((counts.created_since, counts.active), (2, 1));
+    let versions: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT version FROM {}._sqlx_migrations ORDER BY version",
+        pg.schema()
+    ))
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(versions, [1, 2]);
+}
