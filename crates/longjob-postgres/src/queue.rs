@@ -95,9 +95,9 @@ impl Sql {
                    AND q.leased AND q.available_at > now() \
                  RETURNING q.job_id, q.token",
             ),
-            // The leases, sorted by id, drive a nested loop over the primary key, so rows are
-            // deleted (and locked) in id order without a locking step of their own, which would
-            // write one more WAL record per row.
+            // The leases, sorted by id, drive the delete (a nested loop over the primary key,
+            // or a merge join on a small table), so rows are deleted, and locked, in id order
+            // without a locking step of their own, which would write one more WAL record per row.
             ack: db.sql(
                 "DELETE FROM {s}.queue q \
                  USING (SELECT * FROM unnest($1::uuid[], $2::int8[]) AS l(job_id, token) \
