@@ -1,6 +1,6 @@
 //! [`PgProgressBus`]: the [`ProgressBus`] on PostgreSQL.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,21 +82,23 @@ impl Sql {
             (String::new(), String::new())
         };
         Self {
-            // Many events (of one job or several) in one statement: each job's counter row
-            // moves by its number of events (rows locked in job order, so concurrent batches
-            // never deadlock), the events get consecutive seqs in call order, are stored, and
-            // are notified in seq order.
+            // Many events (of one job or several) in one statement. $1/$2: each job of the
+            // batch once, in id order, with its number of events; $3/$4/$5: the events in call
+            // order, each with how many events of its job follow it in the batch. Each job's
+            // counter row moves by its number of events (an upsert, whose arbiter index is
+            // always used whatever the table's size; rows locked in job order, so concurrent
+            // batches never deadlock), so the events get consecutive seqs in call order; they
+            // are stored, and notified in seq order.
             publish: db.sql(&format!(
-                "WITH b AS (SELECT * FROM unnest($1::uuid[], $2::jsonb[]) WITH ORDINALITY \
-                   AS b(job_id, payload, ord)), \
-                 counts AS (SELECT job_id, count(*) AS n FROM b GROUP BY job_id), \
-                 head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
-                   SELECT job_id, n FROM counts ORDER BY job_id \
+                "WITH head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
+                   SELECT * FROM unnest($1::uuid[], $2::int8[]) AS c(job_id, n) ORDER BY job_id \
                    ON CONFLICT (job_id) DO UPDATE SET last_seq = h.last_seq + excluded.last_seq \
                    RETURNING job_id, last_seq), \
-                 numbered AS (SELECT b.ord, b.job_id, b.payload, now() AS at, \
-                   head.last_seq - count(*) OVER w + row_number() OVER (w ORDER BY b.ord) AS seq \
-                   FROM b JOIN head USING (job_id) WINDOW w AS (PARTITION BY b.job_id)), \
+                 numbered AS (SELECT e.ord, e.job_id, e.payload, now() AS at, \
+                   head.last_seq - e.after AS seq \
+                   FROM unnest($3::uuid[], $4::int8[], $5::jsonb[]) WITH ORDINALITY \
+                     AS e(job_id, after, payload, ord) \
+                   JOIN head USING (job_id)), \
                  ins AS (INSERT INTO {{s}}.job_events (job_id, seq, at, payload) \
                    SELECT job_id, seq, at, payload FROM numbered) \
                  SELECT n.ord, n.seq, n.at{notify_event} \
@@ -418,11 +420,30 @@ async fn publish_many(
     events: Vec<(JobId, EventPayload)>,
 ) -> BackendResult<Vec<BackendResult<JobEvent>>> {
     let jobs: Vec<Uuid> = events.iter().map(|(job, _)| *job.as_uuid()).collect();
+    // Grouped here rather than in SQL: each job's number of events, and for each event how
+    // many of its job's follow it (its seq is then the job's new last seq minus that).
+    let mut counts: BTreeMap<Uuid, i64> = BTreeMap::new();
+    for job in &jobs {
+        *counts.entry(*job).or_default() += 1;
+    }
+    let mut left = counts.clone();
+    let after: Vec<i64> = jobs
+        .iter()
+        .map(|job| {
+            let n = left.entry(*job).or_default();
+            *n -= 1;
+            *n
+        })
+        .collect();
+    let (heads, head_counts): (Vec<Uuid>, Vec<i64>) = counts.into_iter().unzip();
     let payloads: Vec<Json<&EventPayload>> = events.iter().map(|(_, p)| Json(p)).collect();
     let rows: Vec<(i64, i64, DateTime<Utc>)> = db
         .run(
             sqlx::query_as(&sql.publish)
+                .bind(heads)
+                .bind(head_counts)
                 .bind(jobs)
+                .bind(after)
                 .bind(payloads)
                 .fetch_all(&db.relaxed),
         )

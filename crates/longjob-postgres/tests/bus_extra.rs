@@ -1,5 +1,5 @@
-//! Bus paths the kit does not reach: events too large for a notification, and many jobs'
-//! subscribers sharing the one listening connection.
+//! Bus paths the kit does not reach: events too large for a notification, many jobs'
+//! subscribers sharing the one listening connection, and batches holding many events of one job.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -64,5 +64,47 @@ async fn subscribers_of_many_jobs_share_one_listening_connection() {
             .expect("stream open")
             .unwrap();
         assert_eq!((event.job_id, event.seq), (*job, 1));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_events_of_one_job_in_a_batch_get_gapless_seqs_as_stored() {
+    let bus = common::backend().await.bus();
+    let jobs: Vec<JobId> = (0..5).map(|_| JobId::new()).collect();
+    // All at once, so batches hold several events of each job.
+    let mut calls = Vec::new();
+    for n in 0..20u64 {
+        for job in &jobs {
+            let (bus, job) = (bus.clone(), *job);
+            calls.push(async move {
+                let payload = EventPayload::Failed {
+                    error: JobError::internal(format!("{n}")),
+                    attempt: 1,
+                };
+                bus.publish(job, payload).await.unwrap()
+            });
+        }
+    }
+    let published = futures::future::join_all(calls).await;
+    for job in &jobs {
+        let mut mine: Vec<_> = published.iter().filter(|e| e.job_id == *job).collect();
+        mine.sort_by_key(|e| e.seq);
+        assert_eq!(
+            mine.iter().map(|e| e.seq).collect::<Vec<_>>(),
+            (1..=20).collect::<Vec<_>>()
+        );
+        // What each call was told is what is stored.
+        let mut stream = bus.subscribe(*job, 0).await.unwrap();
+        for expected in mine {
+            let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+                .await
+                .expect("event in time")
+                .expect("stream open")
+                .unwrap();
+            assert_eq!(
+                (event.seq, &event.payload),
+                (expected.seq, &expected.payload)
+            );
+        }
     }
 }
