@@ -13,10 +13,10 @@ use sqlx::types::Json;
 use tokio::sync::broadcast;
 use uuid::Uuid;
 
-use crate::batch::Batcher;
 use crate::db::Db;
 use crate::error::BACKEND;
 use crate::hub::{CancelNotice, Hub, Live};
+use longjob_core::batch::Batcher;
 
 /// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
@@ -132,7 +132,7 @@ impl Sql {
 impl PgProgressBus {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let publishes = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+        let publishes = Arc::new(Batcher::new(BACKEND, MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |events| publish_many(Arc::clone(&db), Arc::clone(&sql), events)
         }));

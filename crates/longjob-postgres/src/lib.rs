@@ -31,7 +31,6 @@
 //! ```
 #![deny(missing_docs)]
 
-mod batch;
 mod bus;
 mod config;
 mod db;

@@ -11,10 +11,10 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::batch::Batcher;
 use crate::db::{Db, secs};
 use crate::error::BACKEND;
 use crate::hub::Hub;
+use longjob_core::batch::Batcher;
 
 /// The [`Queue`] on PostgreSQL: one row per job id in the `queue` table.
 ///
@@ -131,11 +131,11 @@ fn token_of(lease: &Lease) -> BackendResult<i64> {
 impl PgQueue {
     pub(crate) fn new(db: Arc<Db>, hub: Option<Arc<Hub>>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let acks = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+        let acks = Arc::new(Batcher::new(BACKEND, MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |leases| ack_many(Arc::clone(&db), Arc::clone(&sql), leases)
         }));
-        let pushes = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+        let pushes = Arc::new(Batcher::new(BACKEND, MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |pushes| push_many(Arc::clone(&db), Arc::clone(&sql), pushes)
         }));

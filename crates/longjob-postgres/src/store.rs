@@ -16,9 +16,9 @@ use sqlx::types::Json;
 use sqlx::{Acquire, PgConnection, Postgres};
 use uuid::Uuid;
 
-use crate::batch::Batcher;
 use crate::db::{Db, secs};
 use crate::error::{BACKEND, duplicate_job_id};
+use longjob_core::batch::Batcher;
 
 /// The longest idempotency time-to-live stored (longer ones are cut to it).
 const MAX_TTL: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -315,11 +315,11 @@ impl JobRow {
 impl PgJobStore {
     pub(crate) fn new(db: Arc<Db>) -> Self {
         let sql = Arc::new(Sql::new(&db));
-        let updates = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+        let updates = Arc::new(Batcher::new(BACKEND, MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |jobs| update_many(Arc::clone(&db), Arc::clone(&sql), jobs)
         }));
-        let gets = Arc::new(Batcher::new(MAX_BATCH, db.batch_in_flight, {
+        let gets = Arc::new(Batcher::new(BACKEND, MAX_BATCH, db.batch_in_flight, {
             let (db, sql) = (Arc::clone(&db), Arc::clone(&sql));
             move |ids| get_many(Arc::clone(&db), Arc::clone(&sql), ids)
         }));
@@ -660,7 +660,7 @@ async fn get_many(
         .map(|id| match found.get(id) {
             None => Ok(None),
             Some(Ok(job)) => Ok(Some(job.clone())),
-            Some(Err(e)) => Err(crate::batch::copy(e)),
+            Some(Err(e)) => Err(e.share()),
         })
         .collect())
 }
