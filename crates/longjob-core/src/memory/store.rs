@@ -1,4 +1,4 @@
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,14 @@ use crate::{
 };
 
 /// A [`JobStore`] in process memory.
+///
+/// Unbounded by default: every job is kept until
+/// [`purge_finished`](JobStore::purge_finished) removes it. [`with_max_jobs`](Self::with_max_jobs)
+/// bounds it, so a process under a sustained stream of submissions runs out of room gracefully
+/// rather than out of memory: past the bound, finished jobs are evicted oldest first (before
+/// their retention ends), and when every kept job is unfinished a new one is refused with
+/// [`BackendError::Full`] (503 at the HTTP layer). A job costs about 400 bytes here, plus
+/// about 400 for its events in the [`MemoryProgressBus`](super::MemoryProgressBus).
 ///
 /// ```
 /// # tokio_test_block(async {
@@ -45,6 +53,13 @@ struct Inner {
     owners: HashMap<Arc<str>, Owner>,
     /// The job kinds seen, so every job of a kind shares one string.
     kinds: HashSet<Arc<str>>,
+    /// The finished jobs by finish time, so purges and evictions find the oldest without a scan.
+    finished: BTreeSet<(DateTime<Utc>, JobId)>,
+    /// At most this many jobs are kept (`None`: no bound).
+    max_jobs: Option<usize>,
+    /// Jobs evicted to make room, returned by the next purge so that the caller deletes their
+    /// results and events too.
+    evicted: Vec<Evicted>,
 }
 
 /// An owner and one of its idempotency keys.
@@ -52,10 +67,34 @@ type IdempotencySlot = (Arc<str>, Box<str>);
 
 #[derive(Debug, Default)]
 struct Owner {
-    /// Sorted by creation time (jobs arrive in that order, so inserts append), so a quota count
-    /// is a binary search.
-    by_creation: Vec<(DateTime<Utc>, JobId)>,
+    /// Sorted by creation time. Jobs arrive in that order, so inserts append, and the oldest
+    /// leave first, so removals are near the front: a deque makes both cheap. A quota count is
+    /// a binary search.
+    by_creation: VecDeque<(DateTime<Utc>, JobId)>,
     active: u64,
+}
+
+/// What the purge after an eviction needs of the evicted job: who it was, and its result.
+#[derive(Debug)]
+struct Evicted {
+    id: JobId,
+    kind: Arc<str>,
+    owner: Arc<str>,
+    state: JobState,
+    finished_at: Option<DateTime<Utc>>,
+    result: Option<Box<JobResult>>,
+}
+
+impl Evicted {
+    /// A stand-in for the evicted job: its id, owner, kind, state and result, the rest empty.
+    fn to_job(&self) -> Job {
+        let mut job = Job::new(&*self.kind, &*self.owner, serde_json::Value::Null);
+        job.id = self.id;
+        job.state = self.state;
+        job.finished_at = self.finished_at;
+        job.result = self.result.as_deref().cloned();
+        job
+    }
 }
 
 /// A job as this store keeps it: the [`Job`] less its redundancies, about a quarter of its
@@ -112,12 +151,12 @@ fn payload_text(payload: &serde_json::Value) -> BackendResult<Box<str>> {
 }
 
 impl Stored {
-    /// `job` as kept, with the given shared owner and kind.
-    fn new(job: &Job, kind: Arc<str>, owner: Arc<str>) -> BackendResult<Self> {
-        Ok(Self {
+    /// `job` as kept, with its payload's text and the given shared owner and kind.
+    fn new(job: &Job, payload: Box<str>, kind: Arc<str>, owner: Arc<str>) -> Self {
+        Self {
             kind,
             owner,
-            payload: payload_text(&job.payload)?,
+            payload,
             items: job.items.clone().into_boxed_slice(),
             error: job.error.clone().map(Box::new),
             result: job.result.clone().map(Box::new),
@@ -133,7 +172,7 @@ impl Stored {
             attempt: job.attempt,
             max_attempts: job.max_attempts,
             state: job.state,
-        })
+        }
     }
 
     /// The job with id `id` as callers see it.
@@ -165,10 +204,42 @@ impl Stored {
 }
 
 impl MemoryJobStore {
-    /// An empty store.
+    /// An empty store without bound.
     pub fn new() -> Self {
         Self::default()
     }
+
+    /// An empty store that keeps at most `max_jobs` jobs (at least 1): past that, inserting
+    /// evicts the finished job that finished first, or fails with [`BackendError::Full`] when
+    /// no job is finished. Evicted jobs are returned by the next
+    /// [`purge_finished`](JobStore::purge_finished), whatever their age, so the purge deletes
+    /// their results and events as well.
+    pub fn with_max_jobs(max_jobs: usize) -> Self {
+        let store = Self::default();
+        lock(&store.inner).max_jobs = Some(max_jobs.max(1));
+        store
+    }
+
+    /// How many jobs it keeps now.
+    pub fn len(&self) -> usize {
+        lock(&self.inner).jobs.len()
+    }
+
+    /// Whether it keeps no job.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The key of a job in [`Inner::finished`], when it has one.
+fn finished_key(
+    id: JobId,
+    state: JobState,
+    finished_at: Option<DateTime<Utc>>,
+) -> Option<(DateTime<Utc>, JobId)> {
+    finished_at
+        .filter(|_| state.is_terminal())
+        .map(|at| (at, id))
 }
 
 impl Inner {
@@ -176,28 +247,32 @@ impl Inner {
         self.jobs.get(&id).map(|s| s.to_job(id)).transpose()
     }
 
+    /// Stores `job` (at version 1) as `payload`, its payload's text. Returns the existing job
+    /// when the owner's idempotency key is live, `None` when stored.
     fn insert(
         &mut self,
         job: &Job,
+        payload: Box<str>,
         idempotency_ttl: Duration,
         now: DateTime<Utc>,
-    ) -> BackendResult<Inserted> {
+    ) -> BackendResult<Option<Job>> {
         if let Some(key) = &job.idempotency_key {
             if let Some(existing) = self.live_idempotent(&job.owner, key, now) {
                 if let Some(existing) = self.get(existing)? {
-                    return Ok(Inserted::Existing(existing));
+                    return Ok(Some(existing));
                 }
             }
         }
         if self.jobs.contains_key(&job.id) {
             return Err(BackendError::AlreadyExists(job.id));
         }
+        self.make_room()?;
         let kind = intern(&mut self.kinds, &job.kind);
         let owner_name = match self.owners.get_key_value(job.owner.as_str()) {
             Some((name, _)) => Arc::clone(name),
             None => Arc::from(job.owner.as_str()),
         };
-        let mut stored = Stored::new(job, kind, Arc::clone(&owner_name))?;
+        let mut stored = Stored::new(job, payload, kind, Arc::clone(&owner_name));
         stored.version = 1;
         if let Some(key) = &job.idempotency_key {
             let ttl = chrono::Duration::from_std(idempotency_ttl).unwrap_or(chrono::Duration::MAX);
@@ -214,10 +289,71 @@ impl Inner {
         let at = owner.by_creation.partition_point(|e| *e <= entry);
         owner.by_creation.insert(at, entry);
         owner.active += u64::from(!job.state.is_terminal());
+        if let Some(key) = finished_key(job.id, job.state, job.finished_at) {
+            self.finished.insert(key);
+        }
         self.jobs.insert(job.id, Box::new(stored));
-        let mut inserted = job.clone();
-        inserted.version = 1;
-        Ok(Inserted::New(inserted))
+        Ok(None)
+    }
+
+    /// Under a bound, evicts the oldest finished job when the store is full, or refuses.
+    fn make_room(&mut self) -> BackendResult<()> {
+        let Some(max) = self.max_jobs else {
+            return Ok(());
+        };
+        while self.jobs.len() >= max {
+            let Some((_, id)) = self.finished.pop_first() else {
+                return Err(BackendError::Full {
+                    backend: "memory",
+                    message: format!(
+                        "store full: it keeps at most {max} jobs and none of them is finished"
+                    ),
+                });
+            };
+            if let Some(stored) = self.remove(id) {
+                // Only what the purge needs is kept, so evicting frees the job's memory.
+                self.evicted.push(Evicted {
+                    id,
+                    kind: stored.kind,
+                    owner: stored.owner,
+                    state: stored.state,
+                    finished_at: stored.finished_at,
+                    result: stored.result,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a job and every index entry of it.
+    fn remove(&mut self, id: JobId) -> Option<Box<Stored>> {
+        let stored = self.jobs.remove(&id)?;
+        if let Some(key) = finished_key(id, stored.state, stored.finished_at) {
+            self.finished.remove(&key);
+        }
+        if let Some(key) = &stored.idempotency_key {
+            let slot = (Arc::clone(&stored.owner), key.clone());
+            if self
+                .idempotency
+                .get(&slot)
+                .is_some_and(|(held, _)| *held == id)
+            {
+                self.idempotency.remove(&slot);
+            }
+        }
+        if let Some(owner) = self.owners.get_mut(&stored.owner) {
+            let entry = (stored.created_at, id);
+            if let Ok(at) = owner.by_creation.binary_search(&entry) {
+                owner.by_creation.remove(at);
+            }
+            if !stored.state.is_terminal() {
+                owner.active = owner.active.saturating_sub(1);
+            }
+            if owner.by_creation.is_empty() {
+                self.owners.remove(&stored.owner);
+            }
+        }
+        Some(stored)
     }
 
     /// The job holding the owner's key, while the key lives.
@@ -235,14 +371,28 @@ impl Inner {
 #[async_trait]
 impl JobStore for MemoryJobStore {
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
-        lock(&self.inner).insert(job, idempotency_ttl, Utc::now())
+        // Serialized and cloned outside the lock, which every other call waits for.
+        let payload = payload_text(&job.payload)?;
+        let existing = lock(&self.inner).insert(job, payload, idempotency_ttl, Utc::now())?;
+        Ok(match existing {
+            Some(existing) => Inserted::Existing(existing),
+            None => {
+                let mut inserted = job.clone();
+                inserted.version = 1;
+                Inserted::New(inserted)
+            }
+        })
     }
 
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {
+        let payloads = jobs
+            .iter()
+            .map(|job| payload_text(&job.payload))
+            .collect::<BackendResult<Vec<_>>>()?;
         let mut inner = lock(&self.inner);
         let now = Utc::now();
-        for job in jobs {
-            inner.insert(job, Duration::ZERO, now)?;
+        for (job, payload) in jobs.iter().zip(payloads) {
+            inner.insert(job, payload, Duration::ZERO, now)?;
         }
         Ok(())
     }
@@ -252,6 +402,7 @@ impl JobStore for MemoryJobStore {
     }
 
     async fn update(&self, job: &Job) -> BackendResult<Job> {
+        let payload = payload_text(&job.payload)?;
         let mut guard = lock(&self.inner);
         let inner = &mut *guard;
         let stored = inner
@@ -274,10 +425,20 @@ impl JobStore for MemoryJobStore {
         }
         let kind = reuse(&stored.kind, &job.kind);
         let owner = reuse(&stored.owner, &job.owner);
-        let mut next = Stored::new(job, kind, owner)?;
+        let mut next = Stored::new(job, payload, kind, owner);
         next.version = stored.version + 1;
         let (was, is) = (!stored.state.is_terminal(), !next.state.is_terminal());
+        let finished_before = finished_key(job.id, stored.state, stored.finished_at);
+        let finished_after = finished_key(job.id, next.state, next.finished_at);
         **stored = next;
+        if finished_before != finished_after {
+            if let Some(key) = finished_before {
+                inner.finished.remove(&key);
+            }
+            if let Some(key) = finished_after {
+                inner.finished.insert(key);
+            }
+        }
         if was != is {
             if let Some(owner) = inner.owners.get_mut(job.owner.as_str()) {
                 owner.active = if is {
@@ -287,6 +448,7 @@ impl JobStore for MemoryJobStore {
                 };
             }
         }
+        drop(guard);
         let mut written = job.clone();
         written.version += 1;
         Ok(written)
@@ -340,35 +502,20 @@ impl JobStore for MemoryJobStore {
         limit: usize,
     ) -> BackendResult<Vec<Job>> {
         let mut inner = lock(&self.inner);
-        let ids: Vec<JobId> = inner
-            .jobs
-            .iter()
-            .filter(|(_, j)| {
-                j.state.is_terminal() && j.finished_at.is_some_and(|at| at < finished_before)
-            })
-            .map(|(id, _)| *id)
-            .take(limit)
-            .collect();
-        let mut purged = Vec::with_capacity(ids.len());
-        for id in &ids {
-            if let Some(job) = inner.get(*id)? {
-                purged.push(job);
+        let evicted = inner.evicted.len().min(limit);
+        let mut purged: Vec<Job> = inner.evicted.drain(..evicted).map(|e| e.to_job()).collect();
+        while purged.len() < limit {
+            let Some(&(at, id)) = inner.finished.first() else {
+                break;
+            };
+            if at >= finished_before {
+                break;
             }
+            // Read before removal, so a job that cannot be read stays rather than vanishing.
+            let job = inner.get(id)?;
+            inner.remove(id);
+            purged.extend(job);
         }
-        for id in &ids {
-            inner.jobs.remove(id);
-        }
-        let gone: HashSet<JobId> = ids.into_iter().collect();
-        let owners: HashSet<&str> = purged.iter().map(|j| j.owner.as_str()).collect();
-        for name in owners {
-            if let Some(owner) = inner.owners.get_mut(name) {
-                owner.by_creation.retain(|(_, id)| !gone.contains(id));
-                if owner.by_creation.is_empty() {
-                    inner.owners.remove(name);
-                }
-            }
-        }
-        inner.idempotency.retain(|_, (id, _)| !gone.contains(id));
         Ok(purged)
     }
 
@@ -399,5 +546,115 @@ mod tests {
         store.insert(&job, Duration::ZERO).await.unwrap();
         let got = store.get(job.id).await.unwrap().unwrap();
         assert_eq!(got.payload, payload);
+    }
+
+    fn finished(owner: &str, at: DateTime<Utc>) -> Job {
+        let mut job = Job::new("k", owner, serde_json::Value::Null);
+        job.start(1, at).unwrap();
+        job.complete(
+            Some(JobResult {
+                blob_key: format!("results/{}.zip", job.id),
+                size: 1,
+                file_name: "x.zip".into(),
+                content_type: None,
+            }),
+            at,
+        )
+        .unwrap();
+        job
+    }
+
+    #[tokio::test]
+    async fn a_full_store_evicts_the_oldest_finished_job_for_the_next_purge() {
+        let store = MemoryJobStore::with_max_jobs(3);
+        let now = Utc::now();
+        let old = finished("a", now - chrono::Duration::seconds(20));
+        let newer = finished("a", now - chrono::Duration::seconds(10));
+        let active = Job::new("k", "a", serde_json::Value::Null);
+        for job in [&newer, &old, &active] {
+            store.insert(job, Duration::ZERO).await.unwrap();
+        }
+        let next = Job::new("k", "b", serde_json::Value::Null);
+        store.insert(&next, Duration::ZERO).await.unwrap();
+        assert_eq!(store.len(), 3);
+        assert!(
+            store.get(old.id).await.unwrap().is_none(),
+            "the oldest finished goes"
+        );
+        for kept in [&newer, &active, &next] {
+            assert!(store.get(kept.id).await.unwrap().is_some());
+        }
+        let counts = store
+            .count_by_owner("a", now - chrono::Duration::hours(1))
+            .await
+            .unwrap();
+        assert_eq!(
+            counts,
+            OwnerCounts {
+                created_since: 2,
+                active: 1
+            }
+        );
+        // However young, the evicted job comes out of the next purge with its result, so the
+        // purge deletes its result and events too.
+        let purged = store
+            .purge_finished(now - chrono::Duration::hours(1), 10)
+            .await
+            .unwrap();
+        assert_eq!(purged.len(), 1);
+        assert_eq!(purged[0].id, old.id);
+        assert_eq!(purged[0].result, old.result);
+        assert!(
+            store
+                .purge_finished(now - chrono::Duration::hours(1), 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_store_full_of_unfinished_jobs_refuses_until_one_finishes() {
+        let store = MemoryJobStore::with_max_jobs(2);
+        let mut first = Job::new("k", "a", serde_json::Value::Null);
+        for job in [&first, &Job::new("k", "a", serde_json::Value::Null)] {
+            store.insert(job, Duration::ZERO).await.unwrap();
+        }
+        let refused = store
+            .insert(&Job::new("k", "a", serde_json::Value::Null), Duration::ZERO)
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, BackendError::Full { .. }), "{refused}");
+        assert!(refused.is_transient());
+        assert!(refused.to_string().contains("store full"), "{refused}");
+
+        first.version = 1;
+        first.start(1, Utc::now()).unwrap();
+        let mut first = store.update(&first).await.unwrap();
+        first.fail(JobError::validation("x"), Utc::now()).unwrap();
+        store.update(&first).await.unwrap();
+        store
+            .insert(&Job::new("k", "a", serde_json::Value::Null), Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(store.get(first.id).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn purge_takes_the_oldest_finished_first_and_leaves_the_rest() {
+        let store = MemoryJobStore::new();
+        let now = Utc::now();
+        let jobs: Vec<Job> = (0..5)
+            .map(|i| finished("a", now - chrono::Duration::seconds(100 - i)))
+            .collect();
+        for job in jobs.iter().rev() {
+            store.insert(job, Duration::ZERO).await.unwrap();
+        }
+        let purged = store.purge_finished(now, 2).await.unwrap();
+        let ids: Vec<JobId> = purged.iter().map(|j| j.id).collect();
+        assert_eq!(ids, [jobs[0].id, jobs[1].id]);
+        assert_eq!(store.len(), 3);
+        let listed = store.list_by_owner("a", 10).await.unwrap();
+        assert_eq!(listed.len(), 3);
     }
 }
