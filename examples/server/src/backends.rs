@@ -141,6 +141,14 @@ async fn build_jobs(config: &Config) -> Result<Option<JobBackends>, BackendConfi
     })
 }
 
+/// The in-memory store, bounded by `MEMORY_MAX_JOBS` unless it is 0.
+fn memory_store(config: &Config) -> Arc<MemoryJobStore> {
+    Arc::new(match config.memory_max_jobs {
+        0 => MemoryJobStore::new(),
+        max => MemoryJobStore::with_max_jobs(max),
+    })
+}
+
 /// Blobs on local disk, served by the signed file route; files by the mock rule.
 async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendConfigError> {
     let base = format!("{}{prefix}/files", config.public_url());
@@ -152,7 +160,7 @@ async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendC
         .await
         .map_err(BackendConfigError::BlobDir)?;
     Ok(Backends {
-        store: Arc::new(MemoryJobStore::new()),
+        store: memory_store(config),
         queue: Arc::new(MemoryQueue::new()),
         bus: Arc::new(MemoryProgressBus::default()),
         blobs: Arc::new(blobs),
@@ -196,7 +204,7 @@ async fn build_s3(config: &Config) -> Result<Backends, BackendConfigError> {
         })
     };
     Ok(Backends {
-        store: Arc::new(MemoryJobStore::new()),
+        store: memory_store(config),
         queue: Arc::new(MemoryQueue::new()),
         bus: Arc::new(MemoryProgressBus::default()),
         blobs,
