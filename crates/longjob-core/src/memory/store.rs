@@ -286,8 +286,14 @@ impl Inner {
         }
         let owner = self.owners.entry(owner_name).or_default();
         let entry = (job.created_at, job.id);
-        let at = owner.by_creation.partition_point(|e| *e <= entry);
-        owner.by_creation.insert(at, entry);
+        // Jobs come in creation order: an append, without the binary search whose probes each
+        // miss the cache once an owner has many jobs.
+        if owner.by_creation.back().is_none_or(|last| *last <= entry) {
+            owner.by_creation.push_back(entry);
+        } else {
+            let at = owner.by_creation.partition_point(|e| *e <= entry);
+            owner.by_creation.insert(at, entry);
+        }
         owner.active += u64::from(!job.state.is_terminal());
         if let Some(key) = finished_key(job.id, job.state, job.finished_at) {
             self.finished.insert(key);
@@ -373,7 +379,13 @@ impl JobStore for MemoryJobStore {
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
         // Serialized and cloned outside the lock, which every other call waits for.
         let payload = payload_text(&job.payload)?;
-        let existing = lock(&self.inner).insert(job, payload, idempotency_ttl, Utc::now())?;
+        // The clock is read only for idempotency keys, the only use of `now` in an insert.
+        let now = if job.idempotency_key.is_some() {
+            Utc::now()
+        } else {
+            DateTime::<Utc>::MIN_UTC
+        };
+        let existing = lock(&self.inner).insert(job, payload, idempotency_ttl, now)?;
         Ok(match existing {
             Some(existing) => Inserted::Existing(existing),
             None => {
@@ -487,9 +499,14 @@ impl JobStore for MemoryJobStore {
         let Some(index) = inner.owners.get(owner) else {
             return Ok(OwnerCounts::default());
         };
-        let before = index
-            .by_creation
-            .partition_point(|(created, _)| *created < since);
+        // Every job recent (an owner within its quota): no search.
+        let before = if index.by_creation.front().is_none_or(|(c, _)| *c >= since) {
+            0
+        } else {
+            index
+                .by_creation
+                .partition_point(|(created, _)| *created < since)
+        };
         Ok(OwnerCounts {
             created_since: (index.by_creation.len() - before) as u64,
             active: index.active,
