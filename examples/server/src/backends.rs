@@ -141,11 +141,15 @@ async fn build_jobs(config: &Config) -> Result<Option<JobBackends>, BackendConfi
     })
 }
 
-/// The in-memory store, bounded by `MEMORY_MAX_JOBS` unless it is 0.
-fn memory_store(config: &Config) -> Arc<MemoryJobStore> {
+/// The in-memory store, bounded by `MEMORY_MAX_JOBS` unless it is 0; an evicted job's events
+/// leave `bus` with it, rather than at the next purge.
+fn memory_store(config: &Config, bus: &MemoryProgressBus) -> Arc<MemoryJobStore> {
     Arc::new(match config.memory_max_jobs {
         0 => MemoryJobStore::new(),
-        max => MemoryJobStore::with_max_jobs(max),
+        max => {
+            let bus = bus.clone();
+            MemoryJobStore::with_max_jobs(max).on_evict(move |id| bus.forget(id))
+        }
     })
 }
 
@@ -159,10 +163,11 @@ async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendC
     let blobs = LocalDiskBlobStore::new(&config.blob_dir, signer.clone())
         .await
         .map_err(BackendConfigError::BlobDir)?;
+    let bus = MemoryProgressBus::default();
     Ok(Backends {
-        store: memory_store(config),
+        store: memory_store(config, &bus),
         queue: Arc::new(MemoryQueue::new()),
-        bus: Arc::new(MemoryProgressBus::default()),
+        bus: Arc::new(bus),
         blobs: Arc::new(blobs),
         source: Arc::new(MockSource),
         signer: Some(signer),
@@ -203,10 +208,11 @@ async fn build_s3(config: &Config) -> Result<Backends, BackendConfigError> {
             source: source.clone(),
         })
     };
+    let bus = MemoryProgressBus::default();
     Ok(Backends {
-        store: memory_store(config),
+        store: memory_store(config, &bus),
         queue: Arc::new(MemoryQueue::new()),
-        bus: Arc::new(MemoryProgressBus::default()),
+        bus: Arc::new(bus),
         blobs,
         source: Arc::new(S3Source::new(source)),
         signer: None,

@@ -172,6 +172,12 @@ impl MemoryProgressBus {
         }
     }
 
+    /// Forgets the job's retained events, as [`purge`](ProgressBus::purge) does, without a
+    /// future: for [`MemoryJobStore::on_evict`](super::MemoryJobStore::on_evict).
+    pub fn forget(&self, job: JobId) {
+        lock(&self.inner).jobs.remove(&job);
+    }
+
     fn retained_after(inner: &Inner, job: JobId, after_seq: u64) -> VecDeque<JobEvent> {
         inner
             .jobs
@@ -294,7 +300,7 @@ impl ProgressBus for MemoryProgressBus {
     }
 
     async fn purge(&self, job: JobId) -> BackendResult<()> {
-        lock(&self.inner).jobs.remove(&job);
+        self.forget(job);
         Ok(())
     }
 

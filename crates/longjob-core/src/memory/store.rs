@@ -60,6 +60,18 @@ struct Inner {
     /// Jobs evicted to make room, returned by the next purge so that the caller deletes their
     /// results and events too.
     evicted: Vec<Evicted>,
+    /// Told of each eviction at once (see [`MemoryJobStore::on_evict`]).
+    on_evict: Option<EvictHook>,
+}
+
+/// A function called with each evicted job's id.
+#[derive(Clone)]
+struct EvictHook(Arc<dyn Fn(JobId) + Send + Sync>);
+
+impl std::fmt::Debug for EvictHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EvictHook")
+    }
 }
 
 /// An owner and one of its idempotency keys.
@@ -220,6 +232,18 @@ impl MemoryJobStore {
         store
     }
 
+    /// Calls `hook` with the id of each job evicted (see [`with_max_jobs`](Self::with_max_jobs)),
+    /// as it is evicted, so that what else is kept for the job can go at once rather than at
+    /// the next purge: typically its retained events,
+    /// `store.on_evict(move |id| bus.forget(id))` with a
+    /// [`MemoryProgressBus`](super::MemoryProgressBus). The next purge then returns only the
+    /// evicted jobs that have a result, for their blobs. The hook runs under the store's lock:
+    /// it must be quick and must not call the store.
+    pub fn on_evict(self, hook: impl Fn(JobId) + Send + Sync + 'static) -> Self {
+        lock(&self.inner).on_evict = Some(EvictHook(Arc::new(hook)));
+        self
+    }
+
     /// How many jobs it keeps now.
     pub fn len(&self) -> usize {
         lock(&self.inner).jobs.len()
@@ -316,17 +340,25 @@ impl Inner {
                     ),
                 });
             };
-            if let Some(stored) = self.remove(id) {
-                // Only what the purge needs is kept, so evicting frees the job's memory.
-                self.evicted.push(Evicted {
-                    id,
-                    kind: stored.kind,
-                    owner: stored.owner,
-                    state: stored.state,
-                    finished_at: stored.finished_at,
-                    result: stored.result,
-                });
+            let Some(stored) = self.remove(id) else {
+                continue;
+            };
+            if let Some(hook) = &self.on_evict {
+                (hook.0)(id);
+                if stored.result.is_none() {
+                    // The hook saw to the rest: nothing is left for the purge to delete.
+                    continue;
+                }
             }
+            // Only what the purge needs is kept, so evicting frees the job's memory.
+            self.evicted.push(Evicted {
+                id,
+                kind: stored.kind,
+                owner: stored.owner,
+                state: stored.state,
+                finished_at: stored.finished_at,
+                result: stored.result,
+            });
         }
         Ok(())
     }
@@ -627,6 +659,32 @@ mod tests {
                 .await
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_evict_hook_hears_of_each_eviction_and_the_purge_keeps_only_results() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let store = MemoryJobStore::with_max_jobs(1).on_evict({
+            let heard = Arc::clone(&heard);
+            move |id| lock(&heard).push(id)
+        });
+        let now = Utc::now();
+        let with_result = finished("a", now);
+        let mut without = Job::new("k", "a", serde_json::Value::Null);
+        without.start(1, now).unwrap();
+        without.fail(JobError::validation("x"), now).unwrap();
+        let last = Job::new("k", "a", serde_json::Value::Null);
+        for job in [&with_result, &without, &last] {
+            store.insert(job, Duration::ZERO).await.unwrap();
+        }
+        assert_eq!(*lock(&heard), [with_result.id, without.id]);
+        let purged = store.purge_finished(now, 10).await.unwrap();
+        let ids: Vec<JobId> = purged.iter().map(|j| j.id).collect();
+        assert_eq!(
+            ids,
+            [with_result.id],
+            "only the job with a result is left to purge"
         );
     }
 
