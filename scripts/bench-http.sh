@@ -25,8 +25,8 @@ DURATION="${DURATION:-10s}"
 # The replaced Hono service on this 2-core machine (wrk -t2 -c64 -d10s): req/s per endpoint, RSS.
 HONO_HEALTH=3400 HONO_CHECK=1800 HONO_INITIATE=2200 HONO_RSS_MB=253
 # 0 turns the per-owner quotas off (the server's convention). With a quota on, every initiate
-# counts the owner's jobs, which the in-memory store does by scanning them all: set e.g.
-# JOBS_PER_HOUR=1000000000 to measure that path.
+# counts the owner's recent jobs first (in the in-memory store, from its per-owner index): set
+# e.g. JOBS_PER_HOUR=1000000000 to measure that path.
 JOBS_PER_HOUR="${JOBS_PER_HOUR:-0}"
 
 if ! command -v wrk >/dev/null; then

@@ -143,8 +143,19 @@ impl ApiError {
         &self.message
     }
 
-    /// The error for a backend failure: 503 when transient, else 500 (logged, not leaked).
+    /// The error for a backend failure: 503 when transient (`store_full`, with its message, when
+    /// a bounded store is full), else 500 (logged, not leaked).
     pub fn backend(e: &BackendError) -> Self {
+        if let BackendError::Full { message, .. } = e {
+            // Says what is full: the operator can raise the bound, the client retry later.
+            tracing::warn!(error = %e, "refused: backend full");
+            return Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_full",
+                message.clone(),
+            )
+            .with_header(header::RETRY_AFTER, HeaderValue::from_static("5"));
+        }
         if e.is_transient() {
             tracing::warn!(error = %e, "backend unavailable");
             Self::unavailable("a backend is unavailable, try again later")

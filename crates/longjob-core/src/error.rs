@@ -184,6 +184,15 @@ pub enum BackendError {
         /// What the backend said.
         message: String,
     },
+    /// The backend holds as much as it is allowed to and can take nothing new until something
+    /// leaves (a bounded in-memory store whose jobs are all unfinished); transient.
+    #[error("{backend} full: {message}")]
+    Full {
+        /// Which backend.
+        backend: &'static str,
+        /// What is full, for the caller.
+        message: String,
+    },
     /// Stored data could not be decoded, or the backend answered something unexpected.
     #[error("{backend}: corrupt or unexpected data: {message}")]
     Corrupt {
@@ -260,7 +269,10 @@ impl BackendError {
 
     /// Whether retrying the same call later may succeed.
     pub const fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable { .. } | Self::Timeout { .. })
+        matches!(
+            self,
+            Self::Unavailable { .. } | Self::Timeout { .. } | Self::Full { .. }
+        )
     }
 }
 

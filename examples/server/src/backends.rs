@@ -141,6 +141,18 @@ async fn build_jobs(config: &Config) -> Result<Option<JobBackends>, BackendConfi
     })
 }
 
+/// The in-memory store, bounded by `MEMORY_MAX_JOBS` unless it is 0; an evicted job's events
+/// leave `bus` with it, rather than at the next purge.
+fn memory_store(config: &Config, bus: &MemoryProgressBus) -> Arc<MemoryJobStore> {
+    Arc::new(match config.memory_max_jobs {
+        0 => MemoryJobStore::new(),
+        max => {
+            let bus = bus.clone();
+            MemoryJobStore::with_max_jobs(max).on_evict(move |id| bus.forget(id))
+        }
+    })
+}
+
 /// Blobs on local disk, served by the signed file route; files by the mock rule.
 async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendConfigError> {
     let base = format!("{}{prefix}/files", config.public_url());
@@ -151,10 +163,11 @@ async fn build_local(config: &Config, prefix: &str) -> Result<Backends, BackendC
     let blobs = LocalDiskBlobStore::new(&config.blob_dir, signer.clone())
         .await
         .map_err(BackendConfigError::BlobDir)?;
+    let bus = MemoryProgressBus::default();
     Ok(Backends {
-        store: Arc::new(MemoryJobStore::new()),
+        store: memory_store(config, &bus),
         queue: Arc::new(MemoryQueue::new()),
-        bus: Arc::new(MemoryProgressBus::default()),
+        bus: Arc::new(bus),
         blobs: Arc::new(blobs),
         source: Arc::new(MockSource),
         signer: Some(signer),
@@ -195,10 +208,11 @@ async fn build_s3(config: &Config) -> Result<Backends, BackendConfigError> {
             source: source.clone(),
         })
     };
+    let bus = MemoryProgressBus::default();
     Ok(Backends {
-        store: Arc::new(MemoryJobStore::new()),
+        store: memory_store(config, &bus),
         queue: Arc::new(MemoryQueue::new()),
-        bus: Arc::new(MemoryProgressBus::default()),
+        bus: Arc::new(bus),
         blobs,
         source: Arc::new(S3Source::new(source)),
         signer: None,

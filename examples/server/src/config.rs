@@ -123,6 +123,12 @@ pub struct Config {
     /// How often the worker purges finished jobs past the retention (0: never).
     #[arg(long, env = "PURGE_INTERVAL_SECS", default_value_t = 60)]
     pub purge_interval_secs: u64,
+    /// With the in-memory store: the most jobs it keeps (0: no bound). Past it, finished jobs
+    /// are evicted oldest first, before their retention ends; when every kept job is unfinished,
+    /// new submissions get 503 `store_full`. About 0.8 KB per job (store and events): the
+    /// default bounds the jobs' memory near 800 MB.
+    #[arg(long, env = "MEMORY_MAX_JOBS", default_value_t = 1_000_000)]
+    pub memory_max_jobs: usize,
     /// On SIGTERM/Ctrl-C, how long running jobs may take to finish.
     #[arg(long, env = "SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -170,5 +176,6 @@ mod tests {
         assert!(c.download_delay_enabled);
         assert_eq!(c.port, 3000);
         assert_eq!(c.public_url(), "http://127.0.0.1:3000");
+        assert_eq!(c.memory_max_jobs, 1_000_000);
     }
 }

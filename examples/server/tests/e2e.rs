@@ -536,6 +536,41 @@ async fn jobs_per_hour_and_active_jobs_quotas_answer_429() {
 }
 
 #[tokio::test]
+async fn a_full_memory_store_evicts_finished_jobs_then_answers_503_store_full() {
+    let s = Server::start(&[
+        ("MEMORY_MAX_JOBS", "2"),
+        ("WORKER_CONCURRENCY", "1"),
+        ("DOWNLOAD_DELAY_MIN_MS", "3000"),
+        ("DOWNLOAD_DELAY_MAX_MS", "3000"),
+    ])
+    .await;
+    // Its file is unavailable: it fails after the delay, and is the one evicted to make room.
+    let finished = s.initiate(&[70001], None).await;
+    s.wait_status(&finished, None, Duration::from_secs(10), |b| {
+        b["status"] == "failed"
+    })
+    .await;
+    // One runs for 3 s, the other waits for the only worker slot.
+    let running = s.initiate(&[70000], None).await;
+    let last = s.initiate(&[70000], None).await;
+    assert_eq!(
+        s.get(&format!("{FIRST}/job/{finished}")).await.status(),
+        404
+    );
+    for id in [&running, &last] {
+        assert_eq!(s.get(&format!("{FIRST}/job/{id}")).await.status(), 200);
+    }
+    // Both kept jobs are unfinished: a new one is refused, saying why.
+    let res = s
+        .post_json(&format!("{FIRST}/initiate"), &json!({"file_ids": [70000]}))
+        .await;
+    assert_eq!(res.headers()["retry-after"], "5");
+    let body = assert_error(res, 503, "store_full").await;
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 2 jobs"), "{message}");
+}
+
+#[tokio::test]
 async fn sse_resumes_after_a_dropped_connection_without_loss_or_repeat() {
     let s = Server::start(&[
         ("DOWNLOAD_DELAY_MIN_MS", "1500"),
