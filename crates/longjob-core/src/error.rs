@@ -260,6 +260,10 @@ impl BackendError {
                 backend,
                 message: message.clone(),
             },
+            Self::Full { backend, message } => Self::Full {
+                backend,
+                message: message.clone(),
+            },
             Self::Corrupt { backend, message } => Self::Corrupt {
                 backend,
                 message: message.clone(),
