@@ -828,3 +828,82 @@ async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_annou
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
     worker.shutdown(Duration::from_secs(1)).await;
 }
+
+/// A bus that takes its time over `processing` events, as a remote bus under load may.
+#[derive(Debug)]
+struct SlowStartBus {
+    inner: MemoryProgressBus,
+}
+
+#[async_trait]
+impl longjob_core::ProgressBus for SlowStartBus {
+    async fn publish(
+        &self,
+        job: JobId,
+        payload: EventPayload,
+    ) -> BackendResult<longjob_core::JobEvent> {
+        if matches!(
+            payload,
+            EventPayload::Status {
+                status: JobState::Running,
+                ..
+            }
+        ) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        self.inner.publish(job, payload).await
+    }
+    async fn subscribe(
+        &self,
+        job: JobId,
+        after_seq: u64,
+    ) -> BackendResult<longjob_core::bus::EventStream> {
+        self.inner.subscribe(job, after_seq).await
+    }
+    async fn signal_cancel(&self, job: JobId) -> BackendResult<()> {
+        self.inner.signal_cancel(job).await
+    }
+    async fn cancel_signals(&self) -> BackendResult<longjob_core::bus::CancelStream> {
+        self.inner.cancel_signals().await
+    }
+    async fn purge(&self, job: JobId) -> BackendResult<()> {
+        self.inner.purge(job).await
+    }
+    async fn health(&self) -> BackendResult<()> {
+        self.inner.health().await
+    }
+}
+
+/// The `processing` event is sent while the handler runs; a handler reporting progress at once
+/// still has its progress events follow it, however slow the bus is with it.
+#[tokio::test(start_paused = true)]
+async fn progress_follows_the_processing_event_on_a_slow_bus() {
+    let lj = LongJob::builder()
+        .bus(Arc::new(SlowStartBus {
+            inner: MemoryProgressBus::default(),
+        }))
+        .config(config(1))
+        .build();
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("eager", |ctx, _: serde_json::Value| async move {
+            ctx.progress(1, 2).await;
+            Ok(None)
+        })
+        .start();
+    let id = submit(&lj, "eager", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    let mut types = Vec::new();
+    while let Some(Ok(event)) = events.next().await {
+        types.push(match &event.payload {
+            EventPayload::Status { status, .. } => status.to_string(),
+            other => other.type_name().to_owned(),
+        });
+        if event.is_terminal() {
+            break;
+        }
+    }
+    assert_eq!(types, ["queued", "processing", "progress", "completed"]);
+    worker.shutdown(Duration::from_secs(1)).await;
+}

@@ -109,8 +109,7 @@ const PUBLISH_BATCH: usize = 64;
 /// ```
 ///
 /// Concurrent [`publish`](ProgressBus::publish)es are gathered into one script call
-/// ([`Batcher`]); each job's events keep their order, since a caller publishes its next event
-/// only once the previous one is answered.
+/// ([`Batcher`]), in the order the calls were made (one inbox, one batch in flight).
 #[derive(Debug, Clone)]
 pub struct RedisProgressBus {
     redis: Redis,

@@ -45,6 +45,9 @@ pub(crate) struct ContextInner {
     pub(crate) progress_interval: Duration,
     pub(crate) flush_interval: Duration,
     pub(crate) started: Instant,
+    /// Fired (a one-shot latch) once the attempt's `processing` event is published or given up:
+    /// progress events wait for it, so they follow it whatever the bus.
+    pub(crate) start_announced: CancellationToken,
     pub(crate) state: Mutex<Tracked>,
     /// Our latest stored copy of the job; also serializes our own writes.
     pub(crate) stored: tokio::sync::Mutex<Job>,
@@ -221,6 +224,7 @@ impl JobContext {
 
     /// Progress events are best effort: the store holds the progress too.
     async fn publish_progress(&self, progress: Progress) {
+        self.inner.start_announced.cancelled().await;
         if let Err(e) = self
             .inner
             .lj

@@ -143,9 +143,9 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     };
     tracing::info!(attempt = job.attempt, kind = %job.kind, "attempt started");
     // The `processing` event goes out while the handler starts, not before: one round trip
-    // less per job. It is polled first, so it takes its place in the bus's queue before any
-    // progress event of the handler; the outcome waits for it.
-    let start_event = lj.bus().publish(job.id, EventPayload::status_of(&job));
+    // less per job. The handler's progress events wait for it (`start_announced`), and so does
+    // the outcome.
+    let start_payload = EventPayload::status_of(&job);
 
     let timeout = lj.config().timeouts.job;
     let started = Instant::now();
@@ -161,6 +161,7 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         progress_interval: shared.config.progress_interval,
         flush_interval: shared.config.store_flush_interval,
         started,
+        start_announced: tokio_util::sync::CancellationToken::new(),
         state: Mutex::new(Tracked {
             items: job.items.clone(),
             progress: job.progress,
@@ -184,7 +185,11 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
             () = ctx.cancellation().cancelled() => Outcome::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)),
         }
     };
-    let (_, outcome) = tokio::join!(start_event, run);
+    let start_event = async {
+        let _ = lj.bus().publish(job.id, start_payload).await;
+        ctx.inner().start_announced.cancel();
+    };
+    let ((), outcome) = tokio::join!(start_event, run);
     if matches!(outcome, Outcome::Done(_)) {
         ctx.publish_unsent_progress().await;
     }
