@@ -26,18 +26,67 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 ";
 
+/// Lua helpers for scripts that touch many members: each Redis call takes up to [`CHUNK`]
+/// members at once (one call per chunk rather than one per job: Lua's cost is per call), and
+/// `scores` reads many members' scores in one `ZMSCORE` (one `ZSCORE` each on a Redis older
+/// than 6.2, which lacks it).
+const MANY: &str = r"
+local CHUNK = 500
+local function slice(list, from, to)
+  local out = {}
+  for i = from, math.min(to, #list) do out[#out + 1] = list[i] end
+  return out
+end
+local function scores(key, ids)
+  local r = redis.pcall('ZMSCORE', key, unpack(ids))
+  if type(r) == 'table' and r.err then
+    r = {}
+    for i, id in ipairs(ids) do r[i] = redis.call('ZSCORE', key, id) end
+  end
+  return r
+end
+-- Of `ids` (with their `tokens`), those leased under that token right now, once each; and
+-- per id whether it is one of them.
+local function held_many(leased, tokens_key, ids, tokens)
+  local held, answer, seen = {}, {}, {}
+  for s = 1, #ids, CHUNK do
+    local part = slice(ids, s, s + CHUNK - 1)
+    local current = redis.call('HMGET', tokens_key, unpack(part))
+    local expiries = scores(leased, part)
+    for j, id in ipairs(part) do
+      local i = s + j - 1
+      local ok = current[j] == tokens[i] and expiries[j] and tonumber(expiries[j]) > now
+        and not seen[id]
+      if ok then
+        seen[id] = true
+        held[#held + 1] = id
+      end
+      answer[i] = ok and 1 or 0
+    end
+  end
+  return held, answer
+end
+";
+
 /// KEYS: waiting, leased, tokens. ARGV: wake channel, delay ms, ids...
 /// Pushing an id makes it wait (moving its due time if it waits already) and revokes its lease.
 static PUSH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{NOW}
-local due = now + tonumber(ARGV[2])
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZREM', KEYS[2], id) == 1 then
-    redis.call('HDEL', KEYS[3], id)
+        r"{NOW}{MANY}
+-- Formatted once, not once per member.
+local due = tostring(now + tonumber(ARGV[2]))
+for s = 3, #ARGV, CHUNK do
+  local ids = slice(ARGV, s, s + CHUNK - 1)
+  local members = {{}}
+  for _, id in ipairs(ids) do
+    members[#members + 1] = due
+    members[#members + 1] = id
   end
-  redis.call('ZADD', KEYS[1], due, id)
+  -- A token is kept exactly while its id is leased.
+  if redis.call('ZREM', KEYS[2], unpack(ids)) > 0 then
+    redis.call('HDEL', KEYS[3], unpack(ids))
+  end
+  redis.call('ZADD', KEYS[1], unpack(members))
 end
 redis.call('PUBLISH', ARGV[1], '')
 return #ARGV - 2
@@ -51,7 +100,7 @@ return #ARGV - 2
 /// not asked because jobs were claimed), id1, token1, id2, token2, ...}.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{NOW}
+        r"{NOW}{MANY}
 local expired = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 1000)
 for i = 1, #expired, 2 do
   local id = expired[i]
@@ -66,14 +115,22 @@ if max > 0 then
   if #ids > 0 then
     local last = redis.call('INCRBY', KEYS[4], #ids)
     local first = last - #ids
-    local expires = now + tonumber(ARGV[2])
-    for i, id in ipairs(ids) do
-      local token = first + i
-      redis.call('ZREM', KEYS[1], id)
-      redis.call('ZADD', KEYS[2], expires, id)
-      redis.call('HSET', KEYS[3], id, token)
-      out[#out + 1] = id
-      out[#out + 1] = tostring(token)
+    local expires = tostring(now + tonumber(ARGV[2]))
+    -- The ids are the waiting set's lowest-scored members: one call removes them all.
+    redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #ids - 1)
+    for s = 1, #ids, CHUNK do
+      local members, tokens = {{}}, {{}}
+      for i = s, math.min(s + CHUNK - 1, #ids) do
+        local id, token = ids[i], tostring(first + i)
+        members[#members + 1] = expires
+        members[#members + 1] = id
+        tokens[#tokens + 1] = id
+        tokens[#tokens + 1] = token
+        out[#out + 1] = id
+        out[#out + 1] = token
+      end
+      redis.call('ZADD', KEYS[2], unpack(members))
+      redis.call('HSET', KEYS[3], unpack(tokens))
     end
   end
 end
@@ -103,38 +160,44 @@ end
 /// KEYS: leased, tokens. ARGV: ttl ms, id1, token1, id2, token2, ... Returns 1/0 per lease.
 static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{NOW}{HELD}
-local expires = now + tonumber(ARGV[1])
-local out = {{}}
+        r"{NOW}{MANY}
+local expires = tostring(now + tonumber(ARGV[1]))
+local ids, tokens = {{}}, {{}}
 for i = 2, #ARGV, 2 do
-  if held(ARGV[i], ARGV[i + 1]) then
-    redis.call('ZADD', KEYS[1], expires, ARGV[i])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
+  ids[#ids + 1] = ARGV[i]
+  tokens[#tokens + 1] = ARGV[i + 1]
 end
-return out
+local held, answer = held_many(KEYS[1], KEYS[2], ids, tokens)
+for s = 1, #held, CHUNK do
+  local members = {{}}
+  for i = s, math.min(s + CHUNK - 1, #held) do
+    members[#members + 1] = expires
+    members[#members + 1] = held[i]
+  end
+  redis.call('ZADD', KEYS[1], unpack(members))
+end
+return answer
 "
     ))
 });
 
 /// KEYS: leased, tokens. ARGV: id1, token1, id2, token2, ... Returns, per lease, 1 if it was
-/// held (and the job is gone) or 0.
+/// held (and the job is gone) or 0. A lease given twice counts once.
 static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        r"{NOW}{HELD}
-local out = {{}}
+        r"{NOW}{MANY}
+local ids, tokens = {{}}, {{}}
 for i = 1, #ARGV, 2 do
-  if held(ARGV[i], ARGV[i + 1]) then
-    redis.call('ZREM', KEYS[1], ARGV[i])
-    redis.call('HDEL', KEYS[2], ARGV[i])
-    out[#out + 1] = 1
-  else
-    out[#out + 1] = 0
-  end
+  ids[#ids + 1] = ARGV[i]
+  tokens[#tokens + 1] = ARGV[i + 1]
 end
-return out
+local held, answer = held_many(KEYS[1], KEYS[2], ids, tokens)
+for s = 1, #held, CHUNK do
+  local part = slice(held, s, s + CHUNK - 1)
+  redis.call('ZREM', KEYS[1], unpack(part))
+  redis.call('HDEL', KEYS[2], unpack(part))
+end
+return answer
 "
     ))
 });

@@ -72,6 +72,7 @@ return {{'new'}}
 
 /// ARGV: base, retention ms, then per job 7 values: json, id, owner, created µs, terminal,
 /// finished µs, token. Stores none if any id exists; returns that id, or '' when all stored.
+/// The owners' indexes of unfinished jobs are written once per owner, not once per job.
 static INSERT_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{INDEX}
@@ -79,12 +80,27 @@ local base = ARGV[1]
 for i = 3, #ARGV, 7 do
   if redis.call('EXISTS', base .. 'job:' .. ARGV[i + 1]) == 1 then return ARGV[i + 1] end
 end
+local created, active = {{}}, {{}}
 for i = 3, #ARGV, 7 do
   local id, owner = ARGV[i + 1], ARGV[i + 2]
   local jobkey = base .. 'job:' .. id
   redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '', 'f', ARGV[i + 4])
-  redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
-  index(base, jobkey, id, owner, ARGV[i + 4], ARGV[i + 5], ARGV[2], '')
+  if ARGV[i + 4] == '1' then
+    redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
+    index(base, jobkey, id, owner, '1', ARGV[i + 5], ARGV[2], '')
+  else
+    local c = created[owner] or {{}}
+    c[#c + 1] = ARGV[i + 3]
+    c[#c + 1] = id
+    created[owner] = c
+    local a = active[owner] or {{}}
+    a[#a + 1] = id
+    active[owner] = a
+  end
+end
+for owner, members in pairs(created) do
+  redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', unpack(members))
+  redis.call('SADD', base .. 'owner:' .. owner .. ':active', unpack(active[owner]))
 end
 return ''
 "
@@ -94,11 +110,22 @@ return ''
 /// Compare-and-set writes of many jobs. ARGV: base, retention ms, then per write 6 values:
 /// id, json, expected version, token, terminal, finished µs. Returns 3 values per write:
 /// 'ok'|'missing'|'conflict'|'fenced', the stored version and the stored token.
+///
+/// Jobs finishing in the batch join the finished index in one `ZADD` and leave their owners'
+/// active sets in one `SREM` per owner, at the end (Lua's cost is per call, not per member).
 static UPDATE_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{INDEX}
 local base, retention = ARGV[1], ARGV[2]
 local out = {{}}
+local finished, leaving = {{}}, {{}}
+local function flush()
+  if #finished > 0 then redis.call('ZADD', base .. 'finished', unpack(finished)) end
+  for owner, ids in pairs(leaving) do
+    redis.call('SREM', base .. 'owner:' .. owner .. ':active', unpack(ids))
+  end
+  finished, leaving = {{}}, {{}}
+end
 for i = 3, #ARGV, 6 do
   local id = ARGV[i]
   local jobkey = base .. 'job:' .. id
@@ -111,12 +138,26 @@ for i = 3, #ARGV, 6 do
     out[#out + 1] = 'fenced'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
   else
     redis.call('HSET', jobkey, 'j', ARGV[i + 1], 'v', tonumber(ARGV[i + 2]) + 1, 't', ARGV[i + 3], 'f', ARGV[i + 4])
-    if ARGV[i + 4] == '1' or cur[4] ~= '0' then
-      index(base, jobkey, id, cur[3], ARGV[i + 4], ARGV[i + 5], retention, cur[4] or '')
+    local was = cur[4] or ''
+    if ARGV[i + 4] == '1' then
+      if was ~= '1' then
+        local ids = leaving[cur[3]] or {{}}
+        ids[#ids + 1] = id
+        leaving[cur[3]] = ids
+      end
+      finished[#finished + 1] = ARGV[i + 5]
+      finished[#finished + 1] = id
+      redis.call('PEXPIRE', jobkey, retention)
+    elseif was ~= '0' then
+      -- Rare (a finished job queued again): write what is pending first, so a job's index
+      -- changes stay in the order of its writes.
+      flush()
+      index(base, jobkey, id, cur[3], '0', ARGV[i + 5], retention, was)
     end
     out[#out + 1] = 'ok'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
   end
 end
+flush()
 return out
 "
     ))
