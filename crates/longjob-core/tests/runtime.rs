@@ -295,6 +295,34 @@ async fn a_crashed_workers_job_is_finished_by_another_after_the_lease() {
     survivor.shutdown(Duration::from_secs(1)).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_job_of_a_kind_without_a_handler_here_waits_for_a_worker_that_has_one() {
+    let lj = facade(config(3));
+    let old = lj
+        .worker()
+        .config(worker_config())
+        .handle("export", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    let report = submit(&lj, "report", &["1"]).await;
+    let export = submit(&lj, "export", &["1"]).await;
+    wait_state(&lj, export, JobState::Completed).await;
+    // Offered to the worker without its handler several times meanwhile: still untouched.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let waiting = lj.status(report, OWNER).await.unwrap();
+    assert_eq!(waiting.state, JobState::Queued);
+    assert_eq!(waiting.attempt, 0);
+    // The rolling deploy ends: the old worker stops, one with the handler takes over.
+    old.shutdown(Duration::from_secs(1)).await;
+    let new = lj
+        .worker()
+        .config(worker_config())
+        .handle("report", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    let done = wait_state(&lj, report, JobState::Completed).await;
+    assert_eq!(done.attempt, 1);
+    new.shutdown(Duration::from_secs(1)).await;
+}
+
 struct SetOnDrop(Arc<AtomicBool>);
 impl Drop for SetOnDrop {
     fn drop(&mut self) {

@@ -56,6 +56,11 @@ pub struct WorkerConfig {
     pub store_flush_interval: Duration,
     /// How often finished jobs past their retention are purged (`None`: never). Default 60 s.
     pub purge_interval: Option<Duration>,
+    /// How long a job of a kind this worker has no handler for waits before it is offered
+    /// again. Such a job is given back untouched (no attempt counted), not failed: in a fleet
+    /// where workers differ (a rolling deploy that adds a kind, or pools for different kinds on
+    /// one queue), another worker may have its handler. Default 5 s.
+    pub foreign_kind_delay: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -70,6 +75,7 @@ impl Default for WorkerConfig {
             progress_interval: Duration::from_millis(250),
             store_flush_interval: Duration::from_secs(1),
             purge_interval: Some(Duration::from_secs(60)),
+            foreign_kind_delay: Duration::from_secs(5),
         }
     }
 }

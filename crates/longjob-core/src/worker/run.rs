@@ -120,8 +120,14 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     }
     let now = Utc::now();
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
-        let error = JobError::internal(format!("no handler is registered for kind {:?}", job.kind));
-        return finish_start_failure(shared, lease, job, error).await;
+        // Another worker may have this kind's handler (workers of a fleet can differ): give the
+        // job back as it is rather than fail it.
+        tracing::warn!(kind = %job.kind, "no handler for this kind here; giving the job back");
+        persist(shared, || {
+            queue.requeue(&lease, shared.config.foreign_kind_delay)
+        })
+        .await?;
+        return Ok(());
     };
     if !job.has_attempts_left() {
         // Taken over after its worker was lost on the last attempt.
