@@ -9,7 +9,7 @@ use crate::blob::BlobStore;
 use crate::bus::EventStream;
 use crate::memory::{MemoryBlobStore, MemoryJobStore, MemoryProgressBus, MemoryQueue};
 use crate::signing::UrlSigner;
-use crate::store::Inserted;
+use crate::store::{Inserted, OwnerQuota, QuotaHit};
 use crate::worker::WorkerBuilder;
 use crate::{
     BackendError, EventPayload, Job, JobId, JobResult, JobState, JobStore, ProgressBus, Queue,
@@ -430,36 +430,39 @@ impl LongJob {
             }
         }
         let job = self.new_job(request)?;
-        if config.jobs_per_hour.is_some() || config.max_active_per_owner.is_some() {
-            let hour_ago = Utc::now() - chrono::Duration::hours(1);
-            let counts = self
+        let inserted = if config.jobs_per_hour.is_some() || config.max_active_per_owner.is_some() {
+            let quota = OwnerQuota {
+                since: Utc::now() - chrono::Duration::hours(1),
+                max_created_since: config.jobs_per_hour.map(u64::from),
+                max_active: config.max_active_per_owner.map(u64::from),
+            };
+            match self
                 .inner
                 .store
-                .count_by_owner(&job.owner, hour_ago)
-                .await?;
-            if let Some(limit) = config.jobs_per_hour {
-                if counts.created_since >= u64::from(limit) {
+                .insert_within(&job, config.idempotency_ttl, &quota)
+                .await?
+            {
+                Ok(inserted) => inserted,
+                Err(QuotaHit::CreatedSince { limit }) => {
                     return Err(LongJobError::QuotaExceeded {
                         message: format!("at most {limit} jobs per hour"),
                         retry_after: Duration::from_secs(60),
                     });
                 }
-            }
-            if let Some(limit) = config.max_active_per_owner {
-                if counts.active >= u64::from(limit) {
+                Err(QuotaHit::Active { limit }) => {
                     return Err(LongJobError::QuotaExceeded {
                         message: format!("at most {limit} unfinished jobs at once"),
                         retry_after: Duration::from_secs(5),
                     });
                 }
             }
-        }
-        let job = match self
-            .inner
-            .store
-            .insert(&job, config.idempotency_ttl)
-            .await?
-        {
+        } else {
+            self.inner
+                .store
+                .insert(&job, config.idempotency_ttl)
+                .await?
+        };
+        let job = match inserted {
             Inserted::Existing(job) => {
                 return Ok(Submitted {
                     job,

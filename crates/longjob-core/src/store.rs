@@ -32,6 +32,63 @@ impl Inserted {
     }
 }
 
+/// Per-owner limits that [`JobStore::insert_within`] keeps.
+///
+/// ```
+/// use chrono::{Duration, Utc};
+/// use longjob_core::store::{OwnerCounts, OwnerQuota, QuotaHit};
+///
+/// let quota = OwnerQuota {
+///     since: Utc::now() - Duration::hours(1),
+///     max_created_since: Some(10),
+///     max_active: Some(2),
+/// };
+/// let counts = OwnerCounts { created_since: 3, active: 2 };
+/// assert_eq!(quota.check(&counts), Some(QuotaHit::Active { limit: 2 }));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerQuota {
+    /// Where the window of [`max_created_since`](Self::max_created_since) starts.
+    pub since: DateTime<Utc>,
+    /// At most this many jobs created at or after `since` (the new one not counted).
+    pub max_created_since: Option<u64>,
+    /// At most this many unfinished jobs (the new one not counted).
+    pub max_active: Option<u64>,
+}
+
+impl OwnerQuota {
+    /// The limit a new job would break, given the owner's counts; the jobs-created limit is
+    /// checked first.
+    pub fn check(&self, counts: &OwnerCounts) -> Option<QuotaHit> {
+        if let Some(limit) = self.max_created_since {
+            if counts.created_since >= limit {
+                return Some(QuotaHit::CreatedSince { limit });
+            }
+        }
+        if let Some(limit) = self.max_active {
+            if counts.active >= limit {
+                return Some(QuotaHit::Active { limit });
+            }
+        }
+        None
+    }
+}
+
+/// The per-owner limit that refused an insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaHit {
+    /// The owner created `limit` jobs since the quota's `since` already.
+    CreatedSince {
+        /// The limit.
+        limit: u64,
+    },
+    /// The owner has `limit` unfinished jobs already.
+    Active {
+        /// The limit.
+        limit: u64,
+    },
+}
+
 /// How many jobs an owner has, for quotas.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct OwnerCounts {
@@ -60,6 +117,32 @@ pub trait JobStore: fmt::Debug + Send + Sync + 'static {
     /// (created less than `idempotency_ttl` ago), stores nothing and returns the existing job.
     /// A job whose id exists already is [`AlreadyExists`](crate::BackendError::AlreadyExists).
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted>;
+
+    /// Like [`insert`](Self::insert), but stores nothing and answers `Err(hit)` when the new
+    /// job would break one of the owner's limits in `quota`. A live idempotency key still
+    /// returns its job, whatever the quota.
+    ///
+    /// Every backend of this crate and its sister crates checks and inserts in one atomic step,
+    /// so concurrent submits of one owner, from any number of processes, never pass a limit
+    /// together. The default implementation is **not** atomic (it counts, then inserts): a
+    /// backend whose writes can race must override it.
+    async fn insert_within(
+        &self,
+        job: &Job,
+        idempotency_ttl: Duration,
+        quota: &OwnerQuota,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        if let Some(key) = &job.idempotency_key {
+            if let Some(existing) = self.find_by_idempotency_key(&job.owner, key).await? {
+                return Ok(Ok(Inserted::Existing(existing)));
+            }
+        }
+        let counts = self.count_by_owner(&job.owner, quota.since).await?;
+        if let Some(hit) = quota.check(&counts) {
+            return Ok(Err(hit));
+        }
+        self.insert(job, idempotency_ttl).await.map(Ok)
+    }
 
     /// Stores many new jobs that carry no idempotency key, in as few round trips as the backend
     /// allows. The default calls [`insert`](Self::insert) for each.

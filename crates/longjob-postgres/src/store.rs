@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use longjob_core::store::{Inserted, OwnerCounts};
+use longjob_core::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use longjob_core::{
     BackendError, BackendResult, ItemRecord, ItemStatus, Job, JobError, JobId, JobResult, JobState,
     JobStore, Progress,
@@ -441,6 +441,60 @@ impl PgJobStore {
 impl JobStore for PgJobStore {
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
         self.insert_with(&self.db.pool, job, idempotency_ttl).await
+    }
+
+    /// One transaction: an advisory lock on the owner (per schema), then the idempotency key,
+    /// the counts and the insert. One owner's checked inserts take turns, from any number of
+    /// processes; other owners' do not wait (unless their names' hashes collide).
+    async fn insert_within(
+        &self,
+        job: &Job,
+        idempotency_ttl: Duration,
+        quota: &OwnerQuota,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        let mut tx = self.db.run(self.db.pool.begin()).await?;
+        self.db
+            .run(
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1), hashtext($2))")
+                    .bind(&self.db.schema)
+                    .bind(&job.owner)
+                    .execute(&mut *tx),
+            )
+            .await?;
+        if let Some(key) = &job.idempotency_key {
+            let found = self
+                .db
+                .run(
+                    sqlx::query_as::<_, JobRow>(&self.sql.find_key)
+                        .bind(&job.owner)
+                        .bind(key)
+                        .fetch_optional(&mut *tx),
+                )
+                .await?;
+            if let Some(row) = found {
+                return Ok(Ok(Inserted::Existing(row.into_job()?)));
+            }
+        }
+        // Read committed: this statement sees every insert committed before we got the lock.
+        let (created, active): (i64, i64) = self
+            .db
+            .run(
+                sqlx::query_as(&self.sql.count)
+                    .bind(&job.owner)
+                    .bind(quota.since)
+                    .fetch_one(&mut *tx),
+            )
+            .await?;
+        let counts = OwnerCounts {
+            created_since: to_u64(created, "count")?,
+            active: to_u64(active, "count")?,
+        };
+        if let Some(hit) = quota.check(&counts) {
+            return Ok(Err(hit));
+        }
+        let inserted = self.insert_on(&mut tx, job, idempotency_ttl).await?;
+        self.db.run(tx.commit()).await?;
+        Ok(Ok(inserted))
     }
 
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use longjob_core::batch::Batcher;
-use longjob_core::store::{Inserted, OwnerCounts};
+use longjob_core::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use longjob_core::{BackendError, BackendResult, Job, JobId, JobStore};
 use redis::Script;
 
@@ -43,8 +43,11 @@ end
 ";
 
 /// KEYS: job, idem (or any key when none). ARGV: base, json, id, owner, created µs, terminal,
-/// finished µs, retention ms, token, has idem ('1'/'0'), idem ttl ms.
-/// Returns {'new'}, {'exists'} or {'existing', json}.
+/// finished µs, retention ms, token, has idem ('1'/'0'), idem ttl ms, and the owner's quota:
+/// window start µs, most jobs created since then, most unfinished jobs (-1: no limit).
+/// Returns {'new'}, {'exists'}, {'existing', json}, or {'over', 'created'|'active'} when the
+/// quota refuses the job (checked in the same script as the insert, so racing inserts cannot
+/// pass a limit together).
 static INSERT: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{INDEX}
@@ -57,6 +60,13 @@ if ARGV[10] == '1' then
   end
 end
 if redis.call('EXISTS', KEYS[1]) == 1 then return {{'exists'}} end
+local max_created, max_active = tonumber(ARGV[13]), tonumber(ARGV[14])
+if max_created >= 0 and redis.call('ZCOUNT', base .. 'owner:' .. ARGV[4] .. ':jobs', ARGV[12], '+inf') >= max_created then
+  return {{'over', 'created'}}
+end
+if max_active >= 0 and redis.call('SCARD', base .. 'owner:' .. ARGV[4] .. ':active') >= max_active then
+  return {{'over', 'active'}}
+end
 local idem = ''
 if ARGV[10] == '1' then idem = KEYS[2] end
 redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem, 'f', ARGV[6])
@@ -286,6 +296,83 @@ impl RedisJobStore {
         Ok(Redis::connect(config).await?.store())
     }
 
+    /// Inserts `job` in one script, checking `quota` in the same step.
+    async fn insert_checked(
+        &self,
+        job: &Job,
+        idempotency_ttl: Duration,
+        quota: Option<&OwnerQuota>,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        let mut stored = job.clone();
+        stored.version = 1;
+        let json = encode(&stored)?;
+        let idem = job.idempotency_key.as_deref();
+        let job_key = self.job_key(job.id);
+        let limit = |l: Option<u64>| l.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
+        let mut inv = INSERT.prepare_invoke();
+        inv.key(&job_key)
+            .key(
+                idem.map(|k| self.idem_key(&job.owner, k))
+                    .unwrap_or_else(|| job_key.clone()),
+            )
+            .arg(&self.base)
+            .arg(json)
+            .arg(job.id.to_string())
+            .arg(&job.owner)
+            .arg(micros(job.created_at))
+            .arg(terminal(job))
+            .arg(finished_micros(job))
+            .arg(self.retention_ms())
+            .arg(job.lease_token.to_string())
+            .arg(if idem.is_some() { "1" } else { "0" })
+            .arg(millis(idempotency_ttl))
+            .arg(quota.map_or(0, |q| micros(q.since)))
+            .arg(limit(quota.and_then(|q| q.max_created_since)))
+            .arg(limit(quota.and_then(|q| q.max_active)));
+        let out: Vec<String> = self
+            .redis
+            .shared
+            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .await?;
+        let answer = out.first().map(String::as_str);
+        let over = |what: &str| match (what, quota) {
+            (
+                "created",
+                Some(OwnerQuota {
+                    max_created_since: Some(limit),
+                    ..
+                }),
+            ) => Some(QuotaHit::CreatedSince { limit: *limit }),
+            (
+                "active",
+                Some(OwnerQuota {
+                    max_active: Some(limit),
+                    ..
+                }),
+            ) => Some(QuotaHit::Active { limit: *limit }),
+            _ => None,
+        };
+        match answer {
+            Some("new") => Ok(Ok(Inserted::New(stored))),
+            Some("exists") => Err(BackendError::AlreadyExists(job.id)),
+            Some("existing") => Ok(Ok(Inserted::Existing(decode(
+                out.get(1)
+                    .ok_or_else(|| BackendError::corrupt(BACKEND, "insert answered no job"))?,
+            )?))),
+            Some("over") => match out.get(1).and_then(|what| over(what)) {
+                Some(hit) => Ok(Err(hit)),
+                None => Err(BackendError::corrupt(
+                    BACKEND,
+                    format!("insert answered {out:?}"),
+                )),
+            },
+            other => Err(BackendError::corrupt(
+                BACKEND,
+                format!("insert answered {other:?}"),
+            )),
+        }
+    }
+
     fn job_key(&self, id: JobId) -> String {
         format!("{}job:{id}", self.base)
     }
@@ -382,45 +469,22 @@ async fn update_many(
 #[async_trait]
 impl JobStore for RedisJobStore {
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
-        let mut stored = job.clone();
-        stored.version = 1;
-        let json = encode(&stored)?;
-        let idem = job.idempotency_key.as_deref();
-        let job_key = self.job_key(job.id);
-        let mut inv = INSERT.prepare_invoke();
-        inv.key(&job_key)
-            .key(
-                idem.map(|k| self.idem_key(&job.owner, k))
-                    .unwrap_or_else(|| job_key.clone()),
-            )
-            .arg(&self.base)
-            .arg(json)
-            .arg(job.id.to_string())
-            .arg(&job.owner)
-            .arg(micros(job.created_at))
-            .arg(terminal(job))
-            .arg(finished_micros(job))
-            .arg(self.retention_ms())
-            .arg(job.lease_token.to_string())
-            .arg(if idem.is_some() { "1" } else { "0" })
-            .arg(millis(idempotency_ttl));
-        let out: Vec<String> = self
-            .redis
-            .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
-            .await?;
-        match out.first().map(String::as_str) {
-            Some("new") => Ok(Inserted::New(stored)),
-            Some("exists") => Err(BackendError::AlreadyExists(job.id)),
-            Some("existing") => Ok(Inserted::Existing(decode(
-                out.get(1)
-                    .ok_or_else(|| BackendError::corrupt(BACKEND, "insert answered no job"))?,
-            )?)),
-            other => Err(BackendError::corrupt(
+        match self.insert_checked(job, idempotency_ttl, None).await? {
+            Ok(inserted) => Ok(inserted),
+            Err(hit) => Err(BackendError::corrupt(
                 BACKEND,
-                format!("insert answered {other:?}"),
+                format!("insert without a quota answered {hit:?}"),
             )),
         }
+    }
+
+    async fn insert_within(
+        &self,
+        job: &Job,
+        idempotency_ttl: Duration,
+        quota: &OwnerQuota,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        self.insert_checked(job, idempotency_ttl, Some(quota)).await
     }
 
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {

@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::lock;
-use crate::store::{Inserted, OwnerCounts};
+use crate::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use crate::{
     BackendError, BackendResult, ItemRecord, Job, JobError, JobId, JobResult, JobState, JobStore,
     Progress,
@@ -273,6 +273,25 @@ impl Inner {
 
     /// Stores `job` (at version 1) as `payload`, its payload's text. Returns the existing job
     /// when the owner's idempotency key is live, `None` when stored.
+    /// The owner's counts for quotas.
+    fn counts(&self, owner: &str, since: DateTime<Utc>) -> OwnerCounts {
+        let Some(index) = self.owners.get(owner) else {
+            return OwnerCounts::default();
+        };
+        // Every job recent (an owner within its quota): no search.
+        let before = if index.by_creation.front().is_none_or(|(c, _)| *c >= since) {
+            0
+        } else {
+            index
+                .by_creation
+                .partition_point(|(created, _)| *created < since)
+        };
+        OwnerCounts {
+            created_since: (index.by_creation.len() - before) as u64,
+            active: index.active,
+        }
+    }
+
     fn insert(
         &mut self,
         job: &Job,
@@ -428,6 +447,37 @@ impl JobStore for MemoryJobStore {
         })
     }
 
+    async fn insert_within(
+        &self,
+        job: &Job,
+        idempotency_ttl: Duration,
+        quota: &OwnerQuota,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        let payload = payload_text(&job.payload)?;
+        let now = Utc::now();
+        // One lock for the count and the insert: concurrent submits cannot pass together.
+        let mut inner = lock(&self.inner);
+        let key_held = job
+            .idempotency_key
+            .as_ref()
+            .is_some_and(|key| inner.live_idempotent(&job.owner, key, now).is_some());
+        if !key_held {
+            if let Some(hit) = quota.check(&inner.counts(&job.owner, quota.since)) {
+                return Ok(Err(hit));
+            }
+        }
+        let existing = inner.insert(job, payload, idempotency_ttl, now)?;
+        drop(inner);
+        Ok(Ok(match existing {
+            Some(existing) => Inserted::Existing(existing),
+            None => {
+                let mut inserted = job.clone();
+                inserted.version = 1;
+                Inserted::New(inserted)
+            }
+        }))
+    }
+
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {
         let payloads = jobs
             .iter()
@@ -527,22 +577,7 @@ impl JobStore for MemoryJobStore {
         owner: &str,
         since: DateTime<Utc>,
     ) -> BackendResult<OwnerCounts> {
-        let inner = lock(&self.inner);
-        let Some(index) = inner.owners.get(owner) else {
-            return Ok(OwnerCounts::default());
-        };
-        // Every job recent (an owner within its quota): no search.
-        let before = if index.by_creation.front().is_none_or(|(c, _)| *c >= since) {
-            0
-        } else {
-            index
-                .by_creation
-                .partition_point(|(created, _)| *created < since)
-        };
-        Ok(OwnerCounts {
-            created_since: (index.by_creation.len() - before) as u64,
-            active: index.active,
-        })
+        Ok(lock(&self.inner).counts(owner, since))
     }
 
     async fn purge_finished(

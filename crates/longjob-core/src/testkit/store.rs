@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 
-use crate::store::Inserted;
+use crate::store::{Inserted, OwnerQuota, QuotaHit};
 use crate::{
     BackendError, ItemStatus, Job, JobError, JobId, JobResult, JobState, JobStore, Progress,
 };
@@ -26,6 +26,7 @@ macro_rules! store_conformance {
             idempotency_key_expires,
             list_by_owner_is_newest_first_and_private,
             count_by_owner_counts_created_and_active,
+            insert_within_keeps_limits_under_concurrent_inserts,
             purge_removes_only_old_finished_jobs,
             insert_many_stores_every_job,
         );
@@ -342,6 +343,102 @@ pub async fn count_by_owner_counts_created_and_active(store: &impl JobStore) {
         .await
         .unwrap();
     assert_eq!(later.created_since, 0);
+}
+
+/// `insert_within` checks an owner's limits and inserts in one step: of 16 racing inserts under
+/// a limit of 3 unfinished jobs, exactly 3 are stored. Jobs created in the window count whether
+/// finished or not, and a live idempotency key returns its job whatever the quota.
+pub async fn insert_within_keeps_limits_under_concurrent_inserts(store: &impl JobStore) {
+    let alice = owner();
+    let quota = OwnerQuota {
+        since: Utc::now() - chrono::Duration::hours(1),
+        max_created_since: None,
+        max_active: Some(3),
+    };
+    let jobs: Vec<Job> = (0..16)
+        .map(|i| Job::new("k", &alice, serde_json::json!(i)))
+        .collect();
+    let answers = futures::future::join_all(
+        jobs.iter()
+            .map(|job| store.insert_within(job, Duration::ZERO, &quota)),
+    )
+    .await;
+    let stored: Vec<Job> = answers
+        .iter()
+        .filter_map(|a| match a {
+            Ok(Ok(Inserted::New(job))) => Some(job.clone()),
+            _ => None,
+        })
+        .collect();
+    let refused = answers
+        .iter()
+        .filter(|a| matches!(a, Ok(Err(QuotaHit::Active { limit: 3 }))))
+        .count();
+    assert_eq!((stored.len(), refused), (3, 13), "{answers:?}");
+    assert_eq!(
+        store.count_by_owner(&alice, quota.since).await.unwrap(),
+        crate::store::OwnerCounts {
+            created_since: 3,
+            active: 3
+        }
+    );
+
+    // A finished job frees an active slot but still counts as created.
+    let mut done = stored[0].clone();
+    done.cancel(Utc::now()).unwrap();
+    store.update(&done).await.unwrap();
+    let hourly = OwnerQuota {
+        max_created_since: Some(3),
+        ..quota
+    };
+    let extra = Job::new("k", &alice, serde_json::json!("extra"));
+    assert_eq!(
+        store
+            .insert_within(&extra, Duration::ZERO, &hourly)
+            .await
+            .unwrap(),
+        Err(QuotaHit::CreatedSince { limit: 3 })
+    );
+    let active_only = store
+        .insert_within(&extra, Duration::ZERO, &quota)
+        .await
+        .unwrap();
+    assert!(
+        matches!(active_only, Ok(Inserted::New(_))),
+        "{active_only:?}"
+    );
+
+    // At the limit, the job holding a live key is still returned for that key.
+    let bob = owner();
+    let one = OwnerQuota {
+        max_active: Some(1),
+        ..quota
+    };
+    let keyed = Job::new("k", &bob, serde_json::json!(1)).with_idempotency_key("same");
+    let first = store
+        .insert_within(&keyed, Duration::from_secs(3600), &one)
+        .await
+        .unwrap();
+    let Ok(Inserted::New(first)) = first else {
+        panic!("{first:?}")
+    };
+    let again = Job::new("k", &bob, serde_json::json!(2)).with_idempotency_key("same");
+    let existing = store
+        .insert_within(&again, Duration::from_secs(3600), &one)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&existing, Ok(Inserted::Existing(job)) if job.id == first.id),
+        "{existing:?}"
+    );
+    let other = Job::new("k", &bob, serde_json::json!(3));
+    assert_eq!(
+        store
+            .insert_within(&other, Duration::ZERO, &one)
+            .await
+            .unwrap(),
+        Err(QuotaHit::Active { limit: 1 })
+    );
 }
 
 /// Purge deletes terminal jobs finished before the cutoff, returns them, and leaves the rest.
