@@ -56,3 +56,33 @@ async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     redis.delete_namespace().await.unwrap();
 }
+
+/// Twenty initiates at once under `JOBS_PER_HOUR=5`: the quota is checked in the same Redis
+/// script as the insert, so exactly five jobs are accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_initiates_passes_the_hourly_quota_exactly() {
+    let url = redis_url();
+    let prefix = format!("lj-server-test-{}", JobId::new());
+    let redis = Redis::connect(RedisConfig::new(&url).prefix(prefix.clone()))
+        .await
+        .unwrap_or_else(|e| {
+            panic!("no Redis at {url} ({e}): run `bash scripts/services/redis.sh`")
+        });
+    let server = Server::start(&[
+        ("REDIS_URL", url.as_str()),
+        ("REDIS_PREFIX", prefix.as_str()),
+        ("JOBS_PER_HOUR", "5"),
+    ])
+    .await;
+    let body = serde_json::json!({ "file_ids": [70000] });
+    let answers = futures::future::join_all(
+        (0..20).map(|_| server.post_json("/v1/download/initiate", &body)),
+    )
+    .await;
+    let mut statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [[202; 5].as_slice(), &[429; 15]].concat());
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    redis.delete_namespace().await.unwrap();
+}
