@@ -40,6 +40,9 @@ struct Args {
     peer_set: Option<String>,
     /// PostgreSQL: LISTEN/NOTIFY wake-ups and live events on (`--notify on|off`).
     notify: bool,
+    /// PostgreSQL: workers' store writes commit without waiting for the WAL flush
+    /// (`--relaxed-writes on|off`, `PgConfig::relaxed_worker_writes`).
+    relaxed_writes: bool,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -52,7 +55,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -73,6 +76,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         peer_timeout: 900,
         peer_set: None,
         notify: true,
+        relaxed_writes: false,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -98,6 +102,13 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("--notify {value}: on or off")),
+                }
+            }
+            "--relaxed-writes" => {
+                args.relaxed_writes = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--relaxed-writes {value}: on or off")),
                 }
             }
             "--peer-set" => {
@@ -164,7 +175,8 @@ async fn facade(args: &Args) -> Result<(LongJob, Namespace), String> {
             let schema = format!("lj_bench_{:016x}", rand_suffix());
             let config = longjob_postgres::PgConfig::new(&args.database_url)
                 .schema(schema)
-                .notifications(args.notify);
+                .notifications(args.notify)
+                .relaxed_worker_writes(args.relaxed_writes);
             let pg = longjob_postgres::PgBackend::connect(config)
                 .await
                 .map_err(|e| format!("postgres at {}: {e}", args.database_url))?;
@@ -303,7 +315,8 @@ fn main() -> ExitCode {
     match pg_before {
         Some(Ok(before)) => match pg_stats::after(&args.database_url) {
             Ok(after) => {
-                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs)
+                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs);
+                line["pg_relaxed_writes"] = serde_json::json!(args.relaxed_writes);
             }
             Err(e) => eprintln!("PostgreSQL transactions per job: {e}"),
         },
@@ -372,6 +385,13 @@ mod tests {
                 .as_deref(),
             Some("redis")
         );
+        assert!(!parse(argv("throughput")).unwrap().relaxed_writes);
+        assert!(
+            parse(argv("throughput --relaxed-writes on"))
+                .unwrap()
+                .relaxed_writes
+        );
+        assert!(parse(argv("throughput --relaxed-writes maybe")).is_err());
         assert!(parse(argv("throughput --jobs x")).is_err());
         assert!(parse(argv("throughput --nope 1")).is_err());
         assert!(parse(argv("other")).is_err());
