@@ -43,6 +43,9 @@ struct Args {
     /// PostgreSQL: workers' store writes commit without waiting for the WAL flush
     /// (`--relaxed-writes on|off`, `PgConfig::relaxed_worker_writes`).
     relaxed_writes: bool,
+    /// PostgreSQL: statements of one kind running at once (`--batch-in-flight N`,
+    /// `PgConfig::batch_in_flight`); `None` keeps the default.
+    batch_in_flight: Option<usize>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -55,7 +58,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -77,6 +80,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         peer_set: None,
         notify: true,
         relaxed_writes: false,
+        batch_in_flight: None,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -97,6 +101,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--redis-url" => args.redis_url = value.clone(),
             "--database-url" => args.database_url = value.clone(),
             "--peer-timeout" => args.peer_timeout = number()?,
+            "--batch-in-flight" => args.batch_in_flight = Some(number()?.max(1) as usize),
             "--notify" => {
                 args.notify = match value.as_str() {
                     "on" => true,
@@ -173,10 +178,13 @@ async fn facade(args: &Args) -> Result<(LongJob, Namespace), String> {
         }
         "postgres" => {
             let schema = format!("lj_bench_{:016x}", rand_suffix());
-            let config = longjob_postgres::PgConfig::new(&args.database_url)
+            let mut config = longjob_postgres::PgConfig::new(&args.database_url)
                 .schema(schema)
                 .notifications(args.notify)
                 .relaxed_worker_writes(args.relaxed_writes);
+            if let Some(n) = args.batch_in_flight {
+                config = config.batch_in_flight(n);
+            }
             let pg = longjob_postgres::PgBackend::connect(config)
                 .await
                 .map_err(|e| format!("postgres at {}: {e}", args.database_url))?;
@@ -392,6 +400,12 @@ mod tests {
                 .relaxed_writes
         );
         assert!(parse(argv("throughput --relaxed-writes maybe")).is_err());
+        assert_eq!(
+            parse(argv("throughput --batch-in-flight 3"))
+                .unwrap()
+                .batch_in_flight,
+            Some(3)
+        );
         assert!(parse(argv("throughput --jobs x")).is_err());
         assert!(parse(argv("throughput --nope 1")).is_err());
         assert!(parse(argv("other")).is_err());
