@@ -55,7 +55,8 @@ pub struct PgConfig {
     pub batch_in_flight: usize,
     /// Commit event publishes and queue acks without waiting for the WAL flush
     /// (`synchronous_commit = off`, on a second small pool), default `true`. Store writes — the
-    /// source of truth — always wait for it. A database *crash* (not a clean restart) may then
+    /// source of truth — wait for it, unless
+    /// [`relaxed_worker_writes`](Self::relaxed_worker_writes). A database *crash* (not a clean restart) may then
     /// lose the last fraction of a second of events and acks: an unacked job is delivered again
     /// and the worker, finding it finished in the store, acks it without running it; a lost
     /// event's seq is reused by the next one. Set `false` to make every commit durable.
