@@ -181,12 +181,23 @@ async fn run(program: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_mid_run_every_job_completes_exactly_once() {
+    restart_mid_run(false).await;
+}
+
+/// A clean stop flushes the WAL, relaxed commits included: nothing is lost, nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_mid_run_with_relaxed_worker_writes_every_job_completes_exactly_once() {
+    restart_mid_run(true).await;
+}
+
+async fn restart_mid_run(relaxed_worker_writes: bool) {
     const JOBS: usize = 300;
     let cluster = Cluster::create().await;
     let config = PgConfig::new(cluster.url())
         .poll_interval(Duration::from_millis(200))
         .acquire_timeout(Duration::from_secs(2))
-        .statement_timeout(Some(Duration::from_secs(5)));
+        .statement_timeout(Some(Duration::from_secs(5)))
+        .relaxed_worker_writes(relaxed_worker_writes);
     let pg = PgBackend::connect(config).await.unwrap();
     let lj = facade(&pg);
 
@@ -431,4 +442,20 @@ async fn relaxed_worker_writes_skip_the_wal_flush_and_api_writes_do_not() {
         api >= writes,
         "API writes with the option on: {api} flushes"
     );
+
+    // The setting lasts for the relaxed statement's transaction only: the same (only) pooled
+    // connection is back to the server's setting right after.
+    use longjob_core::JobStore;
+    let pg = connect(true).await;
+    let store = pg.store();
+    let mut job = longjob_core::Job::new("work", OWNER, serde_json::json!({}));
+    store.insert(&job, Duration::from_secs(60)).await.unwrap();
+    job.version = 1;
+    job.start(1, chrono::Utc::now()).unwrap();
+    store.update(&job).await.unwrap();
+    let after: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, "on");
 }
