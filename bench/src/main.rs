@@ -40,6 +40,12 @@ struct Args {
     peer_set: Option<String>,
     /// PostgreSQL: LISTEN/NOTIFY wake-ups and live events on (`--notify on|off`).
     notify: bool,
+    /// PostgreSQL: workers' store writes commit without waiting for the WAL flush
+    /// (`--relaxed-writes on|off`, `PgConfig::relaxed_worker_writes`).
+    relaxed_writes: bool,
+    /// PostgreSQL: statements of one kind running at once (`--batch-in-flight N`,
+    /// `PgConfig::batch_in_flight`); `None` keeps the default.
+    batch_in_flight: Option<usize>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -52,7 +58,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -73,6 +79,8 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         peer_timeout: 900,
         peer_set: None,
         notify: true,
+        relaxed_writes: false,
+        batch_in_flight: None,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -93,11 +101,19 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--redis-url" => args.redis_url = value.clone(),
             "--database-url" => args.database_url = value.clone(),
             "--peer-timeout" => args.peer_timeout = number()?,
+            "--batch-in-flight" => args.batch_in_flight = Some(number()?.max(1) as usize),
             "--notify" => {
                 args.notify = match value.as_str() {
                     "on" => true,
                     "off" => false,
                     _ => return Err(format!("--notify {value}: on or off")),
+                }
+            }
+            "--relaxed-writes" => {
+                args.relaxed_writes = match value.as_str() {
+                    "on" => true,
+                    "off" => false,
+                    _ => return Err(format!("--relaxed-writes {value}: on or off")),
                 }
             }
             "--peer-set" => {
@@ -162,9 +178,13 @@ async fn facade(args: &Args) -> Result<(LongJob, Namespace), String> {
         }
         "postgres" => {
             let schema = format!("lj_bench_{:016x}", rand_suffix());
-            let config = longjob_postgres::PgConfig::new(&args.database_url)
+            let mut config = longjob_postgres::PgConfig::new(&args.database_url)
                 .schema(schema)
-                .notifications(args.notify);
+                .notifications(args.notify)
+                .relaxed_worker_writes(args.relaxed_writes);
+            if let Some(n) = args.batch_in_flight {
+                config = config.batch_in_flight(n);
+            }
             let pg = longjob_postgres::PgBackend::connect(config)
                 .await
                 .map_err(|e| format!("postgres at {}: {e}", args.database_url))?;
@@ -303,7 +323,8 @@ fn main() -> ExitCode {
     match pg_before {
         Some(Ok(before)) => match pg_stats::after(&args.database_url) {
             Ok(after) => {
-                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs)
+                line["pg_transactions_per_job"] = pg_stats::per_job(before, after, args.jobs);
+                line["pg_relaxed_writes"] = serde_json::json!(args.relaxed_writes);
             }
             Err(e) => eprintln!("PostgreSQL transactions per job: {e}"),
         },
@@ -371,6 +392,19 @@ mod tests {
                 .peer_set
                 .as_deref(),
             Some("redis")
+        );
+        assert!(!parse(argv("throughput")).unwrap().relaxed_writes);
+        assert!(
+            parse(argv("throughput --relaxed-writes on"))
+                .unwrap()
+                .relaxed_writes
+        );
+        assert!(parse(argv("throughput --relaxed-writes maybe")).is_err());
+        assert_eq!(
+            parse(argv("throughput --batch-in-flight 3"))
+                .unwrap()
+                .batch_in_flight,
+            Some(3)
         );
         assert!(parse(argv("throughput --jobs x")).is_err());
         assert!(parse(argv("throughput --nope 1")).is_err());

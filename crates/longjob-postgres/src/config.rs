@@ -55,11 +55,21 @@ pub struct PgConfig {
     pub batch_in_flight: usize,
     /// Commit event publishes and queue acks without waiting for the WAL flush
     /// (`synchronous_commit = off`, on a second small pool), default `true`. Store writes — the
-    /// source of truth — always wait for it. A database *crash* (not a clean restart) may then
+    /// source of truth — wait for it, unless
+    /// [`relaxed_worker_writes`](Self::relaxed_worker_writes). A database *crash* (not a clean restart) may then
     /// lose the last fraction of a second of events and acks: an unacked job is delivered again
     /// and the worker, finding it finished in the store, acks it without running it; a lost
     /// event's seq is reused by the next one. Set `false` to make every commit durable.
     pub relaxed_commit: bool,
+    /// Commit the store writes of workers — a job's start, its progress flushes, its outcome —
+    /// without waiting for the WAL flush (`synchronous_commit = off` for those statements
+    /// only), default `false`. Inserts, cancels, manual retries and claims stay durable (a
+    /// claim's fencing token must never be handed out twice). A database *crash* (not a clean
+    /// restart) may then lose the worker writes of its last fraction of a second: the job is
+    /// back in its earlier state with its lease unacked, and runs again when the lease expires
+    /// (at least once, as after a worker crash); see `docs/postgres.md` for what subscribers
+    /// may see.
+    pub relaxed_worker_writes: bool,
 }
 
 impl PgConfig {
@@ -76,6 +86,7 @@ impl PgConfig {
             poll_interval: Duration::from_secs(1),
             batch_in_flight: 1,
             relaxed_commit: true,
+            relaxed_worker_writes: false,
         }
     }
 
@@ -135,6 +146,12 @@ impl PgConfig {
     /// Sets [`relaxed_commit`](Self::relaxed_commit).
     pub fn relaxed_commit(mut self, yes: bool) -> Self {
         self.relaxed_commit = yes;
+        self
+    }
+
+    /// Sets [`relaxed_worker_writes`](Self::relaxed_worker_writes).
+    pub fn relaxed_worker_writes(mut self, yes: bool) -> Self {
+        self.relaxed_worker_writes = yes;
         self
     }
 

@@ -21,6 +21,9 @@ pub(crate) struct Db {
     pub(crate) op_deadline: Duration,
     pub(crate) notifications: bool,
     pub(crate) poll_interval: Duration,
+    /// Worker transitions commit with `synchronous_commit = off`
+    /// ([`PgConfig::relaxed_worker_writes`](crate::PgConfig::relaxed_worker_writes)).
+    pub(crate) relaxed_worker_writes: bool,
     /// Statements of one kind (updates, publishes, acks, …) running at once.
     pub(crate) batch_in_flight: usize,
 }

@@ -133,6 +133,7 @@ impl PgBackend {
             notifications: config.notifications,
             poll_interval: config.poll_interval,
             batch_in_flight: config.batch_in_flight,
+            relaxed_worker_writes: config.relaxed_worker_writes,
         });
         if config.migrate_on_connect {
             migrate(&db).await?;

@@ -79,8 +79,11 @@ const INSERT_ITEMS: &str = "INSERT INTO {s}.file_records (job_id, ord, item_id, 
 /// deadlock. Locking them in a step of their own first would guarantee that order whatever the
 /// plan, but cost one more WAL record per row (a third of the statement's time); with a hash
 /// join (a table of a few thousand jobs at most) two batches sharing two jobs may deadlock,
-/// which PostgreSQL breaks by failing one with a transient error. Answers `(op, new version)`
-/// for the ops that were written.
+/// which PostgreSQL breaks by failing one with a transient error. `$26` is the
+/// `synchronous_commit` of the statement's own (implicit) transaction: `'off'` for a batch of
+/// worker transitions under [`PgConfig::relaxed_worker_writes`](crate::PgConfig), NULL to keep
+/// the connection's setting; `set_config(…, true)` lasts until the commit, which reads it.
+/// Answers `(op, new version)` for the ops that were written.
 const UPDATE_MANY: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::int8[], $3::int8[], \
        $4::text[], $5::text[], $6::text[], $7::int4[], $8::int4[], $9::jsonb[], $10::jsonb[], \
        $11::jsonb[], $12::jsonb[], $13::text[], $14::timestamptz[], $15::timestamptz[], \
@@ -105,8 +108,10 @@ const UPDATE_MANY: &str = "WITH v AS (SELECT * FROM unnest($1::uuid[], $2::int8[
        status = excluded.status, size = excluded.size, error = excluded.error \
      WHERE (r.item_id, r.status, r.size, r.error) IS DISTINCT FROM \
        (excluded.item_id, excluded.status, excluded.size, excluded.error)), \
-   d AS (DELETE FROM {s}.file_records r USING u WHERE r.job_id = u.id AND r.ord > u.n_items) \
- SELECT op, version FROM u";
+   d AS (DELETE FROM {s}.file_records r USING u WHERE r.job_id = u.id AND r.ord > u.n_items), \
+   c AS (SELECT set_config('synchronous_commit', \
+       coalesce($26::text, current_setting('synchronous_commit')), true)) \
+ SELECT op, version FROM u, c";
 
 /// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
@@ -719,6 +724,18 @@ async fn get_many(
         .collect())
 }
 
+/// Whether `job`, as about to be written, is a worker's transition: a start, a progress flush
+/// or an attempt's end (states `processing`, `completed`, `failed`, `retrying`) under a lease
+/// (a fencing token: tokens start at 1). The API's writes — cancel, manual retry (`cancelled`,
+/// `queued`), and failing a job that could not be queued (never leased, token 0) — are not.
+fn worker_transition(job: &Job) -> bool {
+    job.lease_token > 0
+        && matches!(
+            job.state,
+            JobState::Running | JobState::Completed | JobState::Failed | JobState::Retrying
+        )
+}
+
 /// Writes a batch of updates in one statement; `Some(new version)` for each op written,
 /// `None` for each whose compare-and-set failed.
 async fn update_many(
@@ -794,6 +811,12 @@ async fn update_many(
     if ids.is_empty() {
         return Ok(results);
     }
+    // One write that must be durable makes the whole batch durable.
+    let relaxed = db.relaxed_worker_writes
+        && jobs
+            .iter()
+            .zip(&results)
+            .all(|(job, checked)| checked.is_err() || worker_transition(job));
     let written: Vec<(i32, i64)> = db
         .run(
             sqlx::query_as(&sql.update_many)
@@ -822,6 +845,7 @@ async fn update_many(
                 .bind(item_statuses)
                 .bind(item_sizes)
                 .bind(item_errors)
+                .bind(relaxed.then_some("off"))
                 .fetch_all(&db.pool),
         )
         .await?;
@@ -831,4 +855,33 @@ async fn update_many(
         }
     }
     Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_leased_worker_states_are_worker_transitions() {
+        let queued = Job::new("k", "o", serde_json::json!(null));
+        assert!(!worker_transition(&queued));
+        let mut running = queued.clone();
+        assert!(running.start(7, Utc::now()).is_ok());
+        assert!(worker_transition(&running));
+        let mut done = running.clone();
+        assert!(done.complete(None, Utc::now()).is_ok());
+        assert!(worker_transition(&done));
+        let mut failed = running.clone();
+        assert!(failed.fail(JobError::internal("x"), Utc::now()).is_ok());
+        assert!(worker_transition(&failed));
+        // A cancel of a running job carries its token, and is still the API's.
+        let mut cancelled = running.clone();
+        assert!(cancelled.cancel(Utc::now()).is_ok());
+        assert!(!worker_transition(&cancelled));
+        // Failing a job that could not be queued: never leased.
+        let mut unqueued = queued.clone();
+        assert!(unqueued.start(0, Utc::now()).is_ok());
+        assert!(unqueued.fail(JobError::internal("x"), Utc::now()).is_ok());
+        assert!(!worker_transition(&unqueued));
+    }
 }

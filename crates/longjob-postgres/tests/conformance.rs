@@ -27,3 +27,13 @@ mod pg_bus_polling {
         super::common::backend_without_notifications().await.bus()
     });
 }
+
+/// With the workers' store writes committed without waiting for the WAL flush: the same
+/// semantics (only durability across a database crash differs).
+mod pg_store_relaxed_worker_writes {
+    longjob_core::store_conformance!(async {
+        super::common::connect_with(super::common::config().relaxed_worker_writes(true))
+            .await
+            .store()
+    });
+}

@@ -181,12 +181,23 @@ async fn run(program: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn restart_mid_run_every_job_completes_exactly_once() {
+    restart_mid_run(false).await;
+}
+
+/// A clean stop flushes the WAL, relaxed commits included: nothing is lost, nothing runs twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restart_mid_run_with_relaxed_worker_writes_every_job_completes_exactly_once() {
+    restart_mid_run(true).await;
+}
+
+async fn restart_mid_run(relaxed_worker_writes: bool) {
     const JOBS: usize = 300;
     let cluster = Cluster::create().await;
     let config = PgConfig::new(cluster.url())
         .poll_interval(Duration::from_millis(200))
         .acquire_timeout(Duration::from_secs(2))
-        .statement_timeout(Some(Duration::from_secs(5)));
+        .statement_timeout(Some(Duration::from_secs(5)))
+        .relaxed_worker_writes(relaxed_worker_writes);
     let pg = PgBackend::connect(config).await.unwrap();
     let lj = facade(&pg);
 
@@ -351,4 +362,100 @@ async fn a_dead_workers_job_is_finished_by_another_after_its_lease() {
         died.elapsed()
     );
     second.shutdown(Duration::from_secs(5)).await;
+}
+
+/// WAL flushes (`pg_stat_wal.wal_sync`) of the private cluster so far, once the backends whose
+/// statistics are pending have exited (`pg` closed).
+async fn wal_syncs(cluster: &Cluster) -> i64 {
+    use sqlx::Connection;
+    // Exited backends publish their statistics while exiting, shortly after the client leaves.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut conn = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    let n: i64 = sqlx::query_scalar("SELECT wal_sync FROM pg_stat_wal")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    n
+}
+
+/// Writes one job `WRITES` times, one write after the other, as its worker (`worker`: started
+/// under a lease, then progress flushes) or as the API (cancelled, then touched again), then
+/// closes the backend.
+async fn sequential_writes(pg: PgBackend, worker: bool) {
+    use longjob_core::{Job, JobStore};
+    let store = pg.store();
+    let mut job = Job::new("work", OWNER, serde_json::json!({}));
+    store.insert(&job, Duration::from_secs(60)).await.unwrap();
+    job.version = 1;
+    if worker {
+        job.start(1, chrono::Utc::now()).unwrap();
+    } else {
+        job.cancel(chrono::Utc::now()).unwrap();
+    }
+    for i in 0..WRITES {
+        job.progress.current = i;
+        job = store.update(&job).await.unwrap();
+    }
+    pg.pool().close().await;
+}
+
+const WRITES: u64 = 40;
+
+/// With `relaxed_worker_writes`, a worker's store writes do not wait for the WAL flush (a
+/// sequential writer then causes almost no flushes), while the API's writes, and every write
+/// without the option, still do (one flush each). A private cluster, so that no other client's
+/// commits count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relaxed_worker_writes_skip_the_wal_flush_and_api_writes_do_not() {
+    let cluster = Cluster::create().await;
+    let connect = |relaxed: bool| {
+        let config = PgConfig::new(cluster.url())
+            .notifications(false)
+            .max_connections(1)
+            .relaxed_worker_writes(relaxed);
+        async move { PgBackend::connect(config).await.unwrap() }
+    };
+    // Migrations first, so that they do not count.
+    let pg = connect(false).await;
+    pg.pool().close().await;
+    let start = wal_syncs(&cluster).await;
+
+    sequential_writes(connect(false).await, true).await;
+    let durable = wal_syncs(&cluster).await;
+    sequential_writes(connect(true).await, true).await;
+    let relaxed = wal_syncs(&cluster).await;
+    sequential_writes(connect(true).await, false).await;
+    let api = wal_syncs(&cluster).await;
+
+    let (durable, relaxed, api) = (durable - start, relaxed - durable, api - relaxed);
+    let writes = i64::try_from(WRITES).unwrap();
+    assert!(
+        durable >= writes,
+        "durable worker writes: {durable} flushes"
+    );
+    assert!(
+        relaxed < writes / 4,
+        "relaxed worker writes: {relaxed} flushes"
+    );
+    assert!(
+        api >= writes,
+        "API writes with the option on: {api} flushes"
+    );
+
+    // The setting lasts for the relaxed statement's transaction only: the same (only) pooled
+    // connection is back to the server's setting right after.
+    use longjob_core::JobStore;
+    let pg = connect(true).await;
+    let store = pg.store();
+    let mut job = longjob_core::Job::new("work", OWNER, serde_json::json!({}));
+    store.insert(&job, Duration::from_secs(60)).await.unwrap();
+    job.version = 1;
+    job.start(1, chrono::Utc::now()).unwrap();
+    store.update(&job).await.unwrap();
+    let after: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, "on");
 }
