@@ -13,7 +13,8 @@
 #   SERVER_BIN=path/to/longjob-server scripts/bench-http.sh   # a prebuilt binary, no build
 #   JOBS_PER_HOUR=1000000000 scripts/bench-http.sh   # with the per-owner quota check on
 #
-# Prints one Markdown table (req/s, latency, non-2xx, peak RSS, ratio to the Hono figures).
+# Prints one Markdown table (req/s, latency, the server's CPU time per request, non-2xx, peak RSS,
+# ratio to the Hono figures).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -79,6 +80,10 @@ start_server() {
 }
 
 kib_of() { awk -v k="$1" '$1 == k":" { print $2 }' "/proc/$SERVER_PID/status"; }
+# The server's CPU time so far (user + system), in clock ticks: divided by the requests of a run,
+# the CPU a request costs, which moves much less than req/s when other work shares the cores.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$SERVER_PID/stat"; }
+CLK_TCK=$(getconf CLK_TCK)
 
 # bench NAME METHOD PATH LUA HONO_RPS
 bench() {
@@ -97,7 +102,10 @@ bench() {
   local args=(-t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency)
   [ -n "$lua" ] && args+=(-s "scripts/wrk/$lua")
   echo "== $name: wrk ${args[*]} $BASE$path" >&2
+  local ticks_before ticks_after
+  ticks_before=$(cpu_ticks)
   wrk "${args[@]}" "$BASE$path" >"$out" 2>&1 || { cat "$out" >&2; exit 1; }
+  ticks_after=$(cpu_ticks)
   cat "$out" >&2
   local hwm rss_after
   hwm=$(kib_of VmHWM)
@@ -110,14 +118,18 @@ bench() {
   p99=$(awk '$1 == "99%" { print $2 }' "$out")
   non2xx=$(awk -F': *' '/Non-2xx or 3xx responses/ { print $2 }' "$out")
   errors=$(awk '/Socket errors/ { sub(/^ *Socket errors: */, ""); print }' "$out")
+  local requests cpu_us
+  requests=$(awk '/requests in/ { print $1 }' "$out")
+  cpu_us=$(awk -v a="$ticks_before" -v b="$ticks_after" -v r="$requests" -v t="$CLK_TCK" \
+    'BEGIN { printf "%.1f µs", (b - a) * 1e6 / t / r }')
   local ratio="n/a (new)" rss_ratio
   if [ "$hono" != "-" ]; then ratio=$(awk -v a="$rps" -v b="$hono" 'BEGIN { printf "%.1f×", a / b }'); fi
   rss_ratio=$(awk -v h="$hwm" -v b="$HONO_RSS_MB" 'BEGIN {
     if (h / 1024 <= b) printf "%.1f MB (1/%.0f)", h / 1024, b * 1024 / h
     else printf "%.1f MB (%.1f× Hono)", h / 1024, h / 1024 / b }')
-  printf '| %s | %s | %s | %s | %s / %s | %s | %s | %s |\n' \
+  printf '| %s | %s | %s | %s | %s / %s | %s | %s | %s | %s |\n' \
     "$name" "$(printf '%.0f' "$rps")" "$( [ "$hono" = "-" ] && echo "–" || echo "$hono")" "$ratio" \
-    "$p50" "$p99" "${non2xx:-0}${errors:+ (socket: $errors)}" \
+    "$p50" "$p99" "$cpu_us" "${non2xx:-0}${errors:+ (socket: $errors)}" \
     "$(awk -v k="$rss_idle" 'BEGIN { printf "%.1f MB", k / 1024 }') → $(awk -v k="$rss_after" 'BEGIN { printf "%.1f MB", k / 1024 }')" \
     "$rss_ratio" >>"$RUN_DIR/table.md"
 }
@@ -132,6 +144,6 @@ load_after=$(cut -d' ' -f1-3 /proc/loadavg)
 echo
 echo "wrk -t$THREADS -c$CONNECTIONS -d$DURATION --latency; JOBS_PER_HOUR=$JOBS_PER_HOUR; $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, $(awk -F': ' '/model name/ { print $2; exit }' /proc/cpuinfo); load average before $load_before, after $load_after"
 echo
-echo "| endpoint | req/s | Hono req/s | ratio | latency p50 / p99 | non-2xx | RSS idle → after | peak RSS (VmHWM) vs Hono's $HONO_RSS_MB MB |"
-echo "|---|---:|---:|---:|---|---:|---|---|"
+echo "| endpoint | req/s | Hono req/s | ratio | latency p50 / p99 | server CPU / request | non-2xx | RSS idle → after | peak RSS (VmHWM) vs Hono's $HONO_RSS_MB MB |"
+echo "|---|---:|---:|---:|---|---:|---:|---|---|"
 cat "$RUN_DIR/table.md"

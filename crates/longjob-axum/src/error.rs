@@ -1,13 +1,11 @@
 //! The one error shape of the API: `{"error": {"code", "message", "details"}, "requestId"}`.
 //!
-//! Handlers return [`ApiError`]; the [`normalize_errors`] middleware turns every other error
+//! Handlers return [`ApiError`]; [`normalize`] (run by the outermost layer) turns every other error
 //! response (the framework's 404/405/413/415/422, a layer's 408/504/429) into the same shape and
 //! fills in `requestId`.
 
 use axum::body::Body;
-use axum::extract::Request;
-use axum::http::{HeaderValue, Method, StatusCode, header};
-use axum::middleware::Next;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use longjob_core::BackendError;
 use serde::Serialize;
@@ -187,7 +185,7 @@ impl From<LongJobError> for ApiError {
 }
 
 /// Marks a response as already carrying the API's error shape; the body is re-rendered with
-/// the request id by [`normalize_errors`].
+/// the request id by [`normalize`].
 #[derive(Debug, Clone)]
 struct Rendered(ErrorDetail);
 
@@ -242,28 +240,15 @@ fn default_message(status: StatusCode) -> &'static str {
     }
 }
 
-/// Middleware: every response with a status of 400 or more leaves with the API's JSON error
-/// body and its `requestId`, whoever produced it (a handler's own JSON answer excepted); a
-/// timeout (408) becomes 504 and a rejected JSON body (422) becomes 400. A CORS preflight
-/// answers 204.
-pub async fn normalize_errors(req: Request, next: Next) -> Response {
-    let mut res = normalize(req, next).await;
-    crate::add_security_headers(res.headers_mut());
-    res
-}
-
-async fn normalize(req: Request, next: Next) -> Response {
-    let request_id = req
-        .headers()
-        .get(crate::REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_owned();
-    let preflight = req.method() == Method::OPTIONS
-        && req
-            .headers()
-            .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    let mut res = next.run(req).await;
+/// Every response with a status of 400 or more leaves with the API's JSON error body and its
+/// `requestId`, whoever produced it (a handler's own JSON answer excepted); a timeout (408)
+/// becomes 504 and a rejected JSON body (422) becomes 400. A CORS preflight (`preflight`: the
+/// request was `OPTIONS` with `Access-Control-Request-Method`) answers 204.
+pub(crate) async fn normalize(
+    mut res: Response,
+    request_id: &HeaderValue,
+    preflight: bool,
+) -> Response {
     let status = res.status();
     if preflight && status == StatusCode::OK {
         *res.status_mut() = StatusCode::NO_CONTENT;
@@ -314,7 +299,7 @@ async fn normalize(req: Request, next: Next) -> Response {
     };
     let body = ErrorBody {
         error: detail,
-        request_id,
+        request_id: request_id.to_str().unwrap_or_default().to_owned(),
     };
     let bytes = serde_json::to_vec(&body).unwrap_or_default();
     parts.headers.insert(

@@ -3,18 +3,13 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::time::Instant;
-
-use axum::extract::{Request, State};
-use axum::middleware::Next;
-use axum::response::Response;
 
 /// What the router counts. Cheap atomics, written by hand as Prometheus text by [`render`](Self::render).
 #[derive(Debug, Default)]
 pub struct Metrics {
-    by_class: [AtomicU64; 5],
-    duration_us: AtomicU64,
-    in_flight: AtomicI64,
+    pub(crate) by_class: [AtomicU64; 5],
+    pub(crate) duration_us: AtomicU64,
+    pub(crate) in_flight: AtomicI64,
     pub(crate) jobs_submitted: AtomicU64,
     pub(crate) jobs_deduplicated: AtomicU64,
     pub(crate) rate_limited: AtomicU64,
@@ -138,24 +133,6 @@ impl Metrics {
         }
         out
     }
-}
-
-/// Counts every response by status class and its time to the head.
-pub(crate) async fn middleware(
-    State(metrics): State<Arc<Metrics>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let start = Instant::now();
-    metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-    let res = next.run(req).await;
-    metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-    let class = (res.status().as_u16() / 100).clamp(1, 5) as usize - 1;
-    metrics.by_class[class].fetch_add(1, Ordering::Relaxed);
-    metrics
-        .duration_us
-        .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-    res
 }
 
 #[cfg(test)]

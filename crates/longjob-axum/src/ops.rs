@@ -39,16 +39,21 @@ pub struct HealthBody {
 pub(crate) async fn health(State(state): State<AppState>) -> Response {
     // One check at a time, and its answer reused for a second: probes and load balancers
     // may call this as often as they like without loading the backends.
-    let mut cached = state.health.lock().await;
-    let (code, bytes) = match cached.as_ref() {
-        Some((at, code, bytes)) if at.elapsed() < HEALTH_TTL => (*code, bytes.clone()),
-        _ => {
-            let (code, bytes) = check_health(&state).await;
-            *cached = Some((Instant::now(), code, bytes.clone()));
-            (code, bytes)
+    let (code, bytes) = match state.health.fresh() {
+        Some(answer) => answer,
+        None => {
+            // Only one request runs the check; the others wait for it and reuse its answer.
+            let _refresh = state.health.refresh.lock().await;
+            match state.health.fresh() {
+                Some(answer) => answer,
+                None => {
+                    let (code, bytes) = check_health(&state).await;
+                    state.health.store(code, bytes.clone());
+                    (code, bytes)
+                }
+            }
         }
     };
-    drop(cached);
     let mut res = (code, bytes).into_response();
     let h = res.headers_mut();
     h.insert(
@@ -62,8 +67,36 @@ pub(crate) async fn health(State(state): State<AppState>) -> Response {
 /// How long a health answer is reused.
 const HEALTH_TTL: Duration = Duration::from_secs(1);
 
-/// The last health answer: when, its status, its body.
-pub(crate) type HealthCache = tokio::sync::Mutex<Option<(Instant, StatusCode, Bytes)>>;
+/// The last health answer (when, its status, its body), read without an async lock on the
+/// common path (a fresh answer), refreshed by one request at a time.
+#[derive(Debug, Default)]
+pub(crate) struct HealthCache {
+    last: std::sync::Mutex<Option<(Instant, StatusCode, Bytes)>>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl HealthCache {
+    /// The last answer, if younger than [`HEALTH_TTL`].
+    fn fresh(&self) -> Option<(StatusCode, Bytes)> {
+        // A poisoned lock only means a panic elsewhere while holding it: the value is whole.
+        let last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match last.as_ref() {
+            Some((at, code, bytes)) if at.elapsed() < HEALTH_TTL => Some((*code, bytes.clone())),
+            _ => None,
+        }
+    }
+
+    fn store(&self, code: StatusCode, bytes: Bytes) {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some((Instant::now(), code, bytes));
+    }
+}
 
 async fn check_health(state: &AppState) -> (StatusCode, Bytes) {
     let report = state.lj.health(Duration::from_secs(3)).await;

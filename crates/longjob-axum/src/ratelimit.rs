@@ -1,14 +1,14 @@
 //! Requests per window per client, with `governor` (GCRA), answering 429 with `Retry-After`
 //! and the `RateLimit-*` headers.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::middleware::Next;
+use axum::extract::{ConnectInfo, Request};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -34,13 +34,15 @@ pub struct RateLimit {
 }
 
 type Keyed =
-    RateLimiter<String, HashMapStateStore<String>, DefaultClock, StateInformationMiddleware>;
+    RateLimiter<ClientKey, HashMapStateStore<ClientKey>, DefaultClock, StateInformationMiddleware>;
 
 pub(crate) struct Limiter {
     limiter: Keyed,
     trust_forwarded_for: bool,
     limit: u32,
     period: Duration,
+    /// Requests seen, for the occasional look at the number of clients kept.
+    checks: AtomicU64,
     pub(crate) metrics: Option<Arc<Metrics>>,
 }
 
@@ -63,6 +65,7 @@ impl Limiter {
             limit: max.get(),
             trust_forwarded_for: limit.trust_forwarded_for,
             period,
+            checks: AtomicU64::new(0),
             metrics: None,
         })
     }
@@ -78,69 +81,124 @@ fn forwarded_for(headers: &HeaderMap) -> Option<&str> {
         .filter(|v| !v.is_empty())
 }
 
-fn client_key(req: &Request, trust_forwarded_for: bool) -> String {
+/// Who a request counts against: an address, without an allocation per request (the key is
+/// only copied when a new client is seen).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ClientKey {
+    /// The connection's address, or a forwarded address that parses as one.
+    Ip(IpAddr),
+    /// A forwarded value that is not an address: kept as given.
+    Forwarded(Box<str>),
+    /// No connection information (the app was not served with `ConnectInfo`).
+    Unknown,
+}
+
+fn client_key(req: &Request, trust_forwarded_for: bool) -> ClientKey {
     // Not by API key: the limit runs before authentication, and unchecked keys would let a
     // client pick a fresh budget per request.
     if trust_forwarded_for {
         if let Some(ip) = forwarded_for(req.headers()) {
-            return format!("ip:{ip}");
+            return match ip.parse() {
+                Ok(ip) => ClientKey::Ip(ip),
+                Err(_) => ClientKey::Forwarded(ip.into()),
+            };
         }
     }
     match req.extensions().get::<ConnectInfo<SocketAddr>>() {
-        Some(ConnectInfo(addr)) => format!("ip:{}", addr.ip()),
-        None => "unknown".to_owned(),
+        Some(ConnectInfo(addr)) => ClientKey::Ip(addr.ip()),
+        None => ClientKey::Unknown,
     }
 }
 
-fn set(headers: &mut HeaderMap, name: &'static str, value: u64) {
+fn set(headers: &mut HeaderMap, name: HeaderName, value: u64) {
     headers.insert(name, HeaderValue::from(value));
 }
 
-/// Exempts probes (`/health`, `/metrics`) and answers 429 past the limit.
-pub(crate) async fn middleware(
-    State(limiter): State<Arc<Limiter>>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let path = req.uri().path();
-    if path == "/health" || path == "/metrics" {
-        return next.run(req).await;
+const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+
+/// What the limit decided for a request.
+#[derive(Debug)]
+pub(crate) enum Admission {
+    /// A probe (`/health`, `/metrics`), or no limit: no headers.
+    Exempt,
+    /// Within the limit: these headers go on the response.
+    Admitted(RateHeaders),
+    /// Past the limit: this 429 is the response.
+    Refused(Box<Response>),
+}
+
+/// The `RateLimit-*` values of an admitted request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RateHeaders {
+    limit: u64,
+    remaining: u64,
+    reset: u64,
+}
+
+impl RateHeaders {
+    /// Sets `RateLimit-Limit`, `-Remaining` and `-Reset`.
+    pub(crate) fn apply(self, h: &mut HeaderMap) {
+        set(h, LIMIT, self.limit);
+        set(h, REMAINING, self.remaining);
+        set(h, RESET, self.reset);
     }
-    if limiter.limiter.len() > 100_000 {
-        limiter.limiter.retain_recent();
-    }
-    let key = client_key(&req, limiter.trust_forwarded_for);
-    match limiter.limiter.check_key(&key) {
-        Ok(snapshot) => {
-            let remaining = u64::from(snapshot.remaining_burst_capacity());
-            let used = u64::from(limiter.limit).saturating_sub(remaining);
-            let reset = (limiter.period.as_secs_f64() * used as f64).ceil() as u64;
-            let mut res = next.run(req).await;
-            let h = res.headers_mut();
-            set(h, "ratelimit-limit", u64::from(limiter.limit));
-            set(h, "ratelimit-remaining", remaining);
-            set(h, "ratelimit-reset", reset);
-            res
+}
+
+/// How many requests pass between two looks at the number of clients kept (the look takes
+/// the limiter's lock).
+const SIZE_CHECK_EVERY: u64 = 1024;
+
+impl Limiter {
+    /// Exempts probes (`/health`, `/metrics`); past the limit, the 429 (counted in the
+    /// metrics' `rate_limited`).
+    pub(crate) fn admit(&self, req: &Request) -> Admission {
+        let path = req.uri().path();
+        if path == "/health" || path == "/metrics" {
+            return Admission::Exempt;
         }
-        Err(not_until) => {
-            if let Some(m) = &limiter.metrics {
-                m.rate_limited
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // Clients that went quiet are dropped once there are many; looked at now and then
+        // rather than on every request.
+        if self
+            .checks
+            .fetch_add(1, Ordering::Relaxed)
+            .is_multiple_of(SIZE_CHECK_EVERY)
+            && self.limiter.len() > 100_000
+        {
+            self.limiter.retain_recent();
+        }
+        let key = client_key(req, self.trust_forwarded_for);
+        match self.limiter.check_key(&key) {
+            Ok(snapshot) => {
+                let remaining = u64::from(snapshot.remaining_burst_capacity());
+                let used = u64::from(self.limit).saturating_sub(remaining);
+                let reset = (self.period.as_secs_f64() * used as f64).ceil() as u64;
+                Admission::Admitted(RateHeaders {
+                    limit: u64::from(self.limit),
+                    remaining,
+                    reset,
+                })
             }
-            let wait = not_until.wait_time_from(DefaultClock::default().now());
-            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-            let mut res = ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("too many requests: retry in {secs} s"),
-            )
-            .into_response();
-            let h = res.headers_mut();
-            set(h, header::RETRY_AFTER.as_str(), secs);
-            set(h, "ratelimit-limit", u64::from(limiter.limit));
-            set(h, "ratelimit-remaining", 0);
-            set(h, "ratelimit-reset", secs);
-            res
+            Err(not_until) => {
+                if let Some(m) = &self.metrics {
+                    m.rate_limited.fetch_add(1, Ordering::Relaxed);
+                }
+                let wait = not_until.wait_time_from(DefaultClock::default().now());
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                let mut res = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    format!("too many requests: retry in {secs} s"),
+                )
+                .into_response();
+                let h = res.headers_mut();
+                set(h, header::RETRY_AFTER, secs);
+                set(h, LIMIT, u64::from(self.limit));
+                set(h, REMAINING, 0);
+                set(h, RESET, secs);
+                Admission::Refused(Box::new(res))
+            }
         }
     }
 }
