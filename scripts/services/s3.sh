@@ -40,9 +40,33 @@ answers() {
 
 mkdir -p "$DATA_DIR/$BUCKET"
 
+# Whether the server on the port lists the test bucket with the test credentials (curl signs the
+# request). Any other answer (a 500 from an s3s-fs whose data directory was deleted, a 403 from a
+# server with other credentials) means it is not a server the tests can use.
+serves_bucket() {
+  local code
+  code=$(curl -s -o /dev/null -m 5 -w '%{http_code}' --aws-sigv4 "aws:amz:us-east-1:s3" \
+    --user "$ACCESS_KEY:$SECRET_KEY" -H "x-amz-content-sha256: UNSIGNED-PAYLOAD" \
+    "http://127.0.0.1:$PORT/$BUCKET?list-type=2&max-keys=1") || true
+  [ "$code" = 200 ]
+}
+
 if answers; then
-  echo "s3: a server already answers on 127.0.0.1:$PORT"
-  exit 0
+  if ! command -v curl >/dev/null 2>&1 || serves_bucket; then
+    echo "s3: a server already answers on 127.0.0.1:$PORT"
+    exit 0
+  fi
+  # An s3s-fs left by another checkout (its data directory gone) is replaced; anything else is
+  # not ours to stop.
+  stale=$(pgrep -f "s3s-fs .*--port $PORT( |$)" || true)
+  if [ -z "$stale" ]; then
+    echo "s3: the server on 127.0.0.1:$PORT does not serve bucket $BUCKET with the test credentials;" \
+      "stop it, or set S3_PORT or S3_ENDPOINT" >&2
+    exit 1
+  fi
+  echo "s3: the s3s-fs on 127.0.0.1:$PORT (pid $stale) does not serve bucket $BUCKET; replacing it"
+  kill $stale 2>/dev/null || true
+  for _ in $(seq 1 50); do answers || break; sleep 0.1; done
 fi
 
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
