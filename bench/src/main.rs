@@ -46,6 +46,9 @@ struct Args {
     /// PostgreSQL: statements of one kind running at once (`--batch-in-flight N`,
     /// `PgConfig::batch_in_flight`); `None` keeps the default.
     batch_in_flight: Option<usize>,
+    /// Most jobs the worker claims at once (`--claim-batch N`, `WorkerConfig::claim_batch`);
+    /// `None` keeps the default (the concurrency).
+    claim_batch: Option<usize>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -58,7 +61,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -81,6 +84,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         notify: true,
         relaxed_writes: false,
         batch_in_flight: None,
+        claim_batch: None,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -102,6 +106,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--database-url" => args.database_url = value.clone(),
             "--peer-timeout" => args.peer_timeout = number()?,
             "--batch-in-flight" => args.batch_in_flight = Some(number()?.max(1) as usize),
+            "--claim-batch" => args.claim_batch = Some(number()?.max(1) as usize),
             "--notify" => {
                 args.notify = match value.as_str() {
                     "on" => true,
@@ -221,6 +226,7 @@ async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
     let progress = args.progress;
     let mut worker_config = WorkerConfig::default();
     worker_config.concurrency = args.concurrency;
+    worker_config.claim_batch = args.claim_batch;
     // Every progress call is a real event, as every updateProgress is for the peers.
     worker_config.progress_interval = Duration::ZERO;
     worker_config.claim_wait = Duration::from_millis(200);
@@ -320,6 +326,9 @@ fn main() -> ExitCode {
         None => {}
     }
     drop(runtime);
+    if let Some(n) = args.claim_batch {
+        line["claim_batch"] = serde_json::json!(n);
+    }
     match pg_before {
         Some(Ok(before)) => match pg_stats::after(&args.database_url) {
             Ok(after) => {
@@ -377,6 +386,9 @@ mod tests {
         let args = parse(argv("throughput --jobs 10 --concurrency 2 --progress 3")).unwrap();
         assert_eq!((args.jobs, args.concurrency, args.progress), (10, 2, 3));
         assert!(!args.peers);
+        assert_eq!(args.claim_batch, None);
+        let args = parse(argv("throughput --claim-batch 10")).unwrap();
+        assert_eq!(args.claim_batch, Some(10));
         let args = parse(argv(
             "throughput --peers --redis-url redis://h:1 --database-url postgres://h/db --peer-timeout 5",
         ))
