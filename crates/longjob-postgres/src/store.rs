@@ -395,6 +395,31 @@ impl PgJobStore {
         self.insert_on(&mut conn, job, idempotency_ttl).await
     }
 
+    /// The owner's counts for quotas, through `conn` (the pool, or a transaction).
+    async fn counts_on<'c, E>(
+        &self,
+        conn: E,
+        owner: &str,
+        since: DateTime<Utc>,
+    ) -> BackendResult<OwnerCounts>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        let (created, active): (i64, i64) = self
+            .db
+            .run(
+                sqlx::query_as(&self.sql.count)
+                    .bind(owner)
+                    .bind(since)
+                    .fetch_one(conn),
+            )
+            .await?;
+        Ok(OwnerCounts {
+            created_since: to_u64(created, "count")?,
+            active: to_u64(active, "count")?,
+        })
+    }
+
     async fn insert_on(
         &self,
         conn: &mut PgConnection,
@@ -481,19 +506,7 @@ impl JobStore for PgJobStore {
             }
         }
         // Read committed: this statement sees every insert committed before we got the lock.
-        let (created, active): (i64, i64) = self
-            .db
-            .run(
-                sqlx::query_as(&self.sql.count)
-                    .bind(&job.owner)
-                    .bind(quota.since)
-                    .fetch_one(&mut *tx),
-            )
-            .await?;
-        let counts = OwnerCounts {
-            created_since: to_u64(created, "count")?,
-            active: to_u64(active, "count")?,
-        };
+        let counts = self.counts_on(&mut *tx, &job.owner, quota.since).await?;
         if let Some(hit) = quota.check(&counts) {
             return Ok(Err(hit));
         }
@@ -656,19 +669,7 @@ impl JobStore for PgJobStore {
         owner: &str,
         since: DateTime<Utc>,
     ) -> BackendResult<OwnerCounts> {
-        let (created, active): (i64, i64) = self
-            .db
-            .run(
-                sqlx::query_as(&self.sql.count)
-                    .bind(owner)
-                    .bind(since)
-                    .fetch_one(&self.db.pool),
-            )
-            .await?;
-        Ok(OwnerCounts {
-            created_since: to_u64(created, "count")?,
-            active: to_u64(active, "count")?,
-        })
+        self.counts_on(&self.db.pool, owner, since).await
     }
 
     async fn purge_finished(

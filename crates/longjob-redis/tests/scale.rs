@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use longjob_core::{JobId, Queue};
 
-async fn evalsha_calls() -> u64 {
+/// Per command, the server's count of calls (`INFO commandstats`).
+async fn command_stats() -> Vec<(String, u64)> {
     let client = redis::Client::open(common::redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let info: String = redis::cmd("INFO")
@@ -17,31 +18,30 @@ async fn evalsha_calls() -> u64 {
         .await
         .unwrap();
     info.lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:"))
-        .and_then(|l| l.split(',').find_map(|f| f.strip_prefix("calls=")))
-        .map_or(0, |n| n.parse().unwrap())
+        .filter_map(|l| l.strip_prefix("cmdstat_")?.split_once(':'))
+        .filter_map(|(name, fields)| {
+            let calls = fields.split(',').find_map(|f| f.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().unwrap()))
+        })
+        .collect()
+}
+
+async fn evalsha_calls() -> u64 {
+    command_stats()
+        .await
+        .into_iter()
+        .find_map(|(name, calls)| (name == "evalsha").then_some(calls))
+        .unwrap_or(0)
 }
 
 /// Redis commands the server ran (scripts' nested commands included), leaving out scripts
 /// themselves and `INFO`.
 async fn command_calls() -> u64 {
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let info: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
+    command_stats()
         .await
-        .unwrap();
-    info.lines()
-        .filter_map(|l| l.strip_prefix("cmdstat_"))
-        .filter(|l| {
-            !l.starts_with("evalsha:") && !l.starts_with("eval:") && !l.starts_with("info:")
-        })
-        .filter_map(|l| {
-            l.split(',')
-                .find_map(|f| f.split_once("calls=").map(|(_, n)| n))
-        })
-        .map(|n| n.parse::<u64>().unwrap())
+        .into_iter()
+        .filter(|(name, _)| !matches!(name.as_str(), "evalsha" | "eval" | "info"))
+        .map(|(_, calls)| calls)
         .sum()
 }
 

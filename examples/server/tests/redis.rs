@@ -13,8 +13,9 @@ fn redis_url() -> String {
     std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
+/// A server on `REDIS_URL` under a fresh prefix, with `env` besides, and a handle on that
+/// prefix (to look inside, and to delete it at the end).
+async fn server_on_redis(env: &[(&str, &str)]) -> (Server, Redis) {
     let url = redis_url();
     let prefix = format!("lj-server-test-{}", JobId::new());
     let redis = Redis::connect(RedisConfig::new(&url).prefix(prefix.clone()))
@@ -22,12 +23,17 @@ async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
         .unwrap_or_else(|e| {
             panic!("no Redis at {url} ({e}): run `bash scripts/services/redis.sh`")
         });
-    let server = Server::start(&[
+    let mut all = vec![
         ("REDIS_URL", url.as_str()),
         ("REDIS_PREFIX", prefix.as_str()),
-        ("DOWNLOAD_DELAY_ENABLED", "false"),
-    ])
-    .await;
+    ];
+    all.extend_from_slice(env);
+    (Server::start(&all).await, redis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
+    let (server, redis) = server_on_redis(&[("DOWNLOAD_DELAY_ENABLED", "false")]).await;
     assert!(
         server.log().contains("store=redis queue=redis bus=redis"),
         "{}",
@@ -61,19 +67,7 @@ async fn a_job_runs_through_the_server_with_every_job_backend_in_redis() {
 /// script as the insert, so exactly five jobs are accepted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_initiates_passes_the_hourly_quota_exactly() {
-    let url = redis_url();
-    let prefix = format!("lj-server-test-{}", JobId::new());
-    let redis = Redis::connect(RedisConfig::new(&url).prefix(prefix.clone()))
-        .await
-        .unwrap_or_else(|e| {
-            panic!("no Redis at {url} ({e}): run `bash scripts/services/redis.sh`")
-        });
-    let server = Server::start(&[
-        ("REDIS_URL", url.as_str()),
-        ("REDIS_PREFIX", prefix.as_str()),
-        ("JOBS_PER_HOUR", "5"),
-    ])
-    .await;
+    let (server, redis) = server_on_redis(&[("JOBS_PER_HOUR", "5")]).await;
     let body = serde_json::json!({ "file_ids": [70000] });
     let answers = futures::future::join_all(
         (0..20).map(|_| server.post_json("/v1/download/initiate", &body)),
