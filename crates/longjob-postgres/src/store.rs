@@ -395,6 +395,28 @@ impl PgJobStore {
         self.insert_on(&mut conn, job, idempotency_ttl).await
     }
 
+    /// The live job holding the owner's idempotency key, through `conn`.
+    async fn find_key_on<'c, E>(
+        &self,
+        conn: E,
+        owner: &str,
+        key: &str,
+    ) -> BackendResult<Option<Job>>
+    where
+        E: sqlx::Executor<'c, Database = Postgres>,
+    {
+        let found = self
+            .db
+            .run(
+                sqlx::query_as::<_, JobRow>(&self.sql.find_key)
+                    .bind(owner)
+                    .bind(key)
+                    .fetch_optional(conn),
+            )
+            .await?;
+        found.map(JobRow::into_job).transpose()
+    }
+
     /// The owner's counts for quotas, through `conn` (the pool, or a transaction).
     async fn counts_on<'c, E>(
         &self,
@@ -447,17 +469,8 @@ impl PgJobStore {
             let (Some(key), true) = (&job.idempotency_key, ttl.is_some()) else {
                 break;
             };
-            let found = self
-                .db
-                .run(
-                    sqlx::query_as::<_, JobRow>(&self.sql.find_key)
-                        .bind(&job.owner)
-                        .bind(key)
-                        .fetch_optional(&mut *conn),
-                )
-                .await?;
-            if let Some(row) = found {
-                return Ok(Inserted::Existing(row.into_job()?));
+            if let Some(job) = self.find_key_on(&mut *conn, &job.owner, key).await? {
+                return Ok(Inserted::Existing(job));
             }
         }
         Err(BackendError::corrupt(
@@ -492,17 +505,8 @@ impl JobStore for PgJobStore {
             )
             .await?;
         if let Some(key) = &job.idempotency_key {
-            let found = self
-                .db
-                .run(
-                    sqlx::query_as::<_, JobRow>(&self.sql.find_key)
-                        .bind(&job.owner)
-                        .bind(key)
-                        .fetch_optional(&mut *tx),
-                )
-                .await?;
-            if let Some(row) = found {
-                return Ok(Ok(Inserted::Existing(row.into_job()?)));
+            if let Some(job) = self.find_key_on(&mut *tx, &job.owner, key).await? {
+                return Ok(Ok(Inserted::Existing(job)));
             }
         }
         // Read committed: this statement sees every insert committed before we got the lock.
@@ -652,16 +656,7 @@ impl JobStore for PgJobStore {
     }
 
     async fn find_by_idempotency_key(&self, owner: &str, key: &str) -> BackendResult<Option<Job>> {
-        let row = self
-            .db
-            .run(
-                sqlx::query_as::<_, JobRow>(&self.sql.find_key)
-                    .bind(owner)
-                    .bind(key)
-                    .fetch_optional(&self.db.pool),
-            )
-            .await?;
-        row.map(JobRow::into_job).transpose()
+        self.find_key_on(&self.db.pool, owner, key).await
     }
 
     async fn count_by_owner(
