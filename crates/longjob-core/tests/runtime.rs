@@ -323,6 +323,51 @@ async fn a_job_of_a_kind_without_a_handler_here_waits_for_a_worker_that_has_one(
     new.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A log sink for one test: what the subscriber wrote, as text.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_kind_without_a_handler_is_warned_about_once_not_at_every_offer() {
+    let logs = Logs::default();
+    let sink = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || sink.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let lj = facade(config(3));
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("export", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    for _ in 0..3 {
+        submit(&lj, "report", &["1"]).await;
+    }
+    // Each job is offered every 5 s: about 18 offers in 30 s.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    worker.shutdown(Duration::from_secs(1)).await;
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("no handler for this kind").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("report"), "{text}");
+}
+
 struct SetOnDrop(Arc<AtomicBool>);
 impl Drop for SetOnDrop {
     fn drop(&mut self) {

@@ -151,6 +151,7 @@ impl WorkerBuilder {
             config: self.config,
             handlers: self.handlers,
             running: Mutex::new(HashMap::new()),
+            foreign_kinds: Mutex::new(std::collections::HashSet::new()),
         });
         let stop_claiming = CancellationToken::new();
         let stop_all = CancellationToken::new();
@@ -183,6 +184,9 @@ pub(crate) struct Shared {
     pub(crate) handlers: HashMap<String, ErasedHandler>,
     /// Jobs running here: their lease and their context (to stop them).
     pub(crate) running: Mutex<HashMap<JobId, (Lease, Option<JobContext>)>>,
+    /// Kinds without a handler here that were met already: each is logged as a warning once,
+    /// not at every offer of each of its jobs.
+    pub(crate) foreign_kinds: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A running worker. Dropping it aborts its tasks without releasing leases (as a crash would);

@@ -122,7 +122,11 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
         // Another worker may have this kind's handler (workers of a fleet can differ): give the
         // job back as it is rather than fail it.
-        tracing::warn!(kind = %job.kind, "no handler for this kind here; giving the job back");
+        if lock(&shared.foreign_kinds).insert(job.kind.clone()) {
+            tracing::warn!(kind = %job.kind, "no handler for this kind here; giving its jobs back");
+        } else {
+            tracing::debug!(kind = %job.kind, "no handler for this kind here; giving the job back");
+        }
         persist(shared, || {
             queue.requeue(&lease, shared.config.foreign_kind_delay)
         })
