@@ -45,6 +45,15 @@ local function scores(key, ids)
   end
   return r
 end
+-- ARGV from `from` on, read as pairs of job id and lease token.
+local function leases_from(from)
+  local ids, tokens = {}, {}
+  for i = from, #ARGV, 2 do
+    ids[#ids + 1] = ARGV[i]
+    tokens[#tokens + 1] = ARGV[i + 1]
+  end
+  return ids, tokens
+end
 -- Of `ids` (with their `tokens`), those leased under that token right now, once each; and
 -- per id whether it is one of them.
 local function held_many(leased, tokens_key, ids, tokens)
@@ -162,11 +171,7 @@ static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
 local expires = tostring(now + tonumber(ARGV[1]))
-local ids, tokens = {{}}, {{}}
-for i = 2, #ARGV, 2 do
-  ids[#ids + 1] = ARGV[i]
-  tokens[#tokens + 1] = ARGV[i + 1]
-end
+local ids, tokens = leases_from(2)
 local held, answer = held_many(KEYS[1], KEYS[2], ids, tokens)
 for s = 1, #held, CHUNK do
   local members = {{}}
@@ -186,11 +191,7 @@ return answer
 static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
-local ids, tokens = {{}}, {{}}
-for i = 1, #ARGV, 2 do
-  ids[#ids + 1] = ARGV[i]
-  tokens[#tokens + 1] = ARGV[i + 1]
-end
+local ids, tokens = leases_from(1)
 local held, answer = held_many(KEYS[1], KEYS[2], ids, tokens)
 for s = 1, #held, CHUNK do
   local part = slice(held, s, s + CHUNK - 1)
