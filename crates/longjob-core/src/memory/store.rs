@@ -425,26 +425,35 @@ impl Inner {
     }
 }
 
+/// `now` for an insert: read only for idempotency keys, its only use there.
+fn insert_clock(job: &Job) -> DateTime<Utc> {
+    if job.idempotency_key.is_some() {
+        Utc::now()
+    } else {
+        DateTime::<Utc>::MIN_UTC
+    }
+}
+
+/// What an insert answers, given the live job holding the key if there was one.
+fn inserted(job: &Job, existing: Option<Job>) -> Inserted {
+    match existing {
+        Some(existing) => Inserted::Existing(existing),
+        None => {
+            let mut inserted = job.clone();
+            inserted.version = 1;
+            Inserted::New(inserted)
+        }
+    }
+}
+
 #[async_trait]
 impl JobStore for MemoryJobStore {
     async fn insert(&self, job: &Job, idempotency_ttl: Duration) -> BackendResult<Inserted> {
         // Serialized and cloned outside the lock, which every other call waits for.
         let payload = payload_text(&job.payload)?;
-        // The clock is read only for idempotency keys, the only use of `now` in an insert.
-        let now = if job.idempotency_key.is_some() {
-            Utc::now()
-        } else {
-            DateTime::<Utc>::MIN_UTC
-        };
-        let existing = lock(&self.inner).insert(job, payload, idempotency_ttl, now)?;
-        Ok(match existing {
-            Some(existing) => Inserted::Existing(existing),
-            None => {
-                let mut inserted = job.clone();
-                inserted.version = 1;
-                Inserted::New(inserted)
-            }
-        })
+        let existing =
+            lock(&self.inner).insert(job, payload, idempotency_ttl, insert_clock(job))?;
+        Ok(inserted(job, existing))
     }
 
     async fn insert_within(
@@ -454,7 +463,7 @@ impl JobStore for MemoryJobStore {
         quota: &OwnerQuota,
     ) -> BackendResult<Result<Inserted, QuotaHit>> {
         let payload = payload_text(&job.payload)?;
-        let now = Utc::now();
+        let now = insert_clock(job);
         // One lock for the count and the insert: concurrent submits cannot pass together.
         let mut inner = lock(&self.inner);
         let key_held = job
@@ -468,14 +477,7 @@ impl JobStore for MemoryJobStore {
         }
         let existing = inner.insert(job, payload, idempotency_ttl, now)?;
         drop(inner);
-        Ok(Ok(match existing {
-            Some(existing) => Inserted::Existing(existing),
-            None => {
-                let mut inserted = job.clone();
-                inserted.version = 1;
-                Inserted::New(inserted)
-            }
-        }))
+        Ok(Ok(inserted(job, existing)))
     }
 
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {
