@@ -613,6 +613,8 @@ struct CountingQueue {
     largest_extend: AtomicUsize,
     /// The size of each claim that leased something.
     claims: Mutex<Vec<usize>>,
+    /// Acks wait while this holds false, as acks on a slow backend would.
+    acks_open: tokio::sync::watch::Sender<bool>,
 }
 
 impl CountingQueue {
@@ -622,6 +624,7 @@ impl CountingQueue {
             extend_calls: AtomicUsize::new(0),
             largest_extend: AtomicUsize::new(0),
             claims: Mutex::new(Vec::new()),
+            acks_open: tokio::sync::watch::Sender::new(true),
         }
     }
 }
@@ -645,6 +648,7 @@ impl Queue for CountingQueue {
         self.inner.extend(leases, ttl).await
     }
     async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
+        let _ = self.acks_open.subscribe().wait_for(|open| *open).await;
         self.inner.ack(lease).await
     }
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
@@ -656,6 +660,51 @@ impl Queue for CountingQueue {
     async fn health(&self) -> BackendResult<()> {
         self.inner.health().await
     }
+}
+
+/// A job's slot is free once its handler returns: while its outcome is still being written
+/// (here, an ack that does not answer), the next job runs. Jobs finishing are bounded too: with
+/// one slot, one job finishes while one runs, and a third waits.
+#[tokio::test(start_paused = true)]
+async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
+    let queue = Arc::new(CountingQueue::new());
+    queue.acks_open.send_replace(false);
+    let lj = LongJob::builder()
+        .queue(queue.clone())
+        .config(config(1))
+        .build();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(submit(&lj, "quick", &[]).await);
+    }
+    let mut cfg = worker_config();
+    cfg.concurrency = 1;
+    let started = Arc::new(AtomicUsize::new(0));
+    let worker = lj
+        .worker()
+        .config(cfg)
+        .handle("quick", {
+            let started = Arc::clone(&started);
+            move |_, _: serde_json::Value| {
+                started.fetch_add(1, Ordering::SeqCst);
+                async { Ok(None) }
+            }
+        })
+        .start();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        started.load(Ordering::SeqCst),
+        2,
+        "the second job waits for the first one's ack, or a third one ran past the bound"
+    );
+    assert_eq!(worker.running(), 2);
+    queue.acks_open.send_replace(true);
+    for id in &ids {
+        wait_state(&lj, *id, JobState::Completed).await;
+    }
+    assert_eq!(started.load(Ordering::SeqCst), 3);
+    worker.shutdown(Duration::from_secs(1)).await;
+    assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
 }
 
 /// Slots freed a few milliseconds apart are claimed together (one claim, and one batch for each

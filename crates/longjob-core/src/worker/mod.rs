@@ -37,7 +37,12 @@ pub(crate) enum StopReason {
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct WorkerConfig {
-    /// Jobs run at once. Default 16.
+    /// Handlers run at once. Default 16.
+    ///
+    /// A job's slot is free again as soon as its handler returns: writing its outcome, its
+    /// event and its ack happen after, for up to this many more jobs at once (their leases
+    /// still held and heartbeated). So a slow backend round trip delays the next job's start
+    /// less, and outcomes of many jobs share one batch.
     pub concurrency: usize,
     /// Most jobs claimed in one call. Default: the concurrency.
     pub claim_batch: Option<usize>,
@@ -209,7 +214,7 @@ impl std::fmt::Debug for WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// How many jobs run now.
+    /// How many jobs this worker holds now: running, or writing their outcome.
     pub fn running(&self) -> usize {
         lock(&self.shared.running).len()
     }
@@ -277,6 +282,7 @@ async fn claim_loop(
 ) {
     let config = &shared.config;
     let slots = Arc::new(Semaphore::new(config.concurrency));
+    let finishing = Arc::new(Semaphore::new(config.concurrency));
     let batch = config.claim_batch.unwrap_or(config.concurrency).max(1);
     let mut failures = 0u32;
     loop {
@@ -326,11 +332,40 @@ async fn claim_loop(
         for (lease, permit) in leases.into_iter().zip(permits) {
             lock(&shared.running).insert(lease.job_id, (lease, None));
             let shared = Arc::clone(&shared);
+            let mut slot = Slot {
+                running: Some(permit),
+                finishing: Arc::clone(&finishing),
+                finishing_permit: None,
+            };
             jobs.spawn(async move {
-                run::run_job(&shared, lease).await;
+                run::run_job(&shared, lease, &mut slot).await;
                 lock(&shared.running).remove(&lease.job_id);
-                drop(permit);
+                drop(slot);
             });
+        }
+    }
+}
+
+/// What a job holds of the worker's capacity: a running slot while its handler runs, then a
+/// finishing one while its outcome is written (bounded too, so outcomes cannot pile up while
+/// the backend is slow).
+pub(crate) struct Slot {
+    running: Option<tokio::sync::OwnedSemaphorePermit>,
+    finishing: Arc<Semaphore>,
+    finishing_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Slot {
+    /// The handler has returned: trades the running slot for a finishing one (waiting for one
+    /// if as many jobs are finishing already), so the claimer can start another job.
+    pub(crate) async fn handler_done(&mut self) {
+        if self.running.is_none() {
+            return;
+        }
+        // The semaphore is never closed; should it be, the job keeps its running slot.
+        if let Ok(permit) = Arc::clone(&self.finishing).acquire_owned().await {
+            self.finishing_permit = Some(permit);
+            self.running = None;
         }
     }
 }

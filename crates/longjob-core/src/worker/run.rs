@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use super::context::{ContextInner, Tracked};
-use super::{JobContext, Shared, StopReason, backoff};
+use super::{JobContext, Shared, Slot, StopReason, backoff};
 use crate::memory::lock;
 use crate::{BackendError, EventPayload, Job, JobError, JobResult, JobState, Lease, RetryDecision};
 
@@ -18,10 +18,10 @@ enum Outcome {
     Stopped(StopReason),
 }
 
-pub(crate) async fn run_job(shared: &Shared, lease: Lease) {
+pub(crate) async fn run_job(shared: &Shared, lease: Lease, slot: &mut Slot) {
     let span = tracing::info_span!("job", job_id = %lease.job_id, token = lease.token);
     async {
-        if let Err(e) = attempt(shared, lease).await {
+        if let Err(e) = attempt(shared, lease, slot).await {
             // The lease expires and the job runs again elsewhere: at least once, never lost.
             tracing::warn!(error = %e, "attempt abandoned on a backend error");
         }
@@ -86,7 +86,7 @@ async fn persist_update(shared: &Shared, job: &Job) -> Result<Job, BackendError>
     }
 }
 
-async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
+async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), BackendError> {
     let lj = &shared.lj;
     let queue = lj.queue();
     let Some(mut job) = persist(shared, || lj.store().get(lease.job_id)).await? else {
@@ -200,6 +200,7 @@ async fn attempt(shared: &Shared, lease: Lease) -> Result<(), BackendError> {
         ctx.inner().start_announced.cancel();
     };
     let ((), outcome) = tokio::join!(start_event, run);
+    slot.handler_done().await;
     if matches!(outcome, Outcome::Done(_)) {
         ctx.publish_unsent_progress().await;
     }
