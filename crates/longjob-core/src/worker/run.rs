@@ -187,20 +187,22 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
     }
     let run = handler(ctx.clone(), job.payload.clone());
     let run = async {
-        tokio::select! {
+        let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, run) => match r {
                 Ok(r) => Outcome::Done(r),
                 Err(_) => Outcome::Done(Err(JobError::timeout(format!("the attempt exceeded its timeout of {} s", timeout.as_secs())))),
             },
             () = ctx.cancellation().cancelled() => Outcome::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)),
-        }
+        };
+        // The slot is free once the handler is, even before its `processing` event is out.
+        slot.handler_done().await;
+        outcome
     };
     let start_event = async {
         let _ = lj.bus().publish(job.id, start_payload).await;
         ctx.inner().start_announced.cancel();
     };
     let ((), outcome) = tokio::join!(start_event, run);
-    slot.handler_done().await;
     if matches!(outcome, Outcome::Done(_)) {
         ctx.publish_unsent_progress().await;
     }
