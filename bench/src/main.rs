@@ -49,6 +49,9 @@ struct Args {
     /// Most jobs the worker claims at once (`--claim-batch N`, `WorkerConfig::claim_batch`);
     /// `None` keeps the default (the concurrency).
     claim_batch: Option<usize>,
+    /// How long the claimer gathers freed slots, in ms (`--claim-gather MS`,
+    /// `WorkerConfig::claim_gather`); `None` keeps the default.
+    claim_gather_ms: Option<u64>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -61,7 +64,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--claim-gather MS] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -85,6 +88,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         relaxed_writes: false,
         batch_in_flight: None,
         claim_batch: None,
+        claim_gather_ms: None,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -107,6 +111,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--peer-timeout" => args.peer_timeout = number()?,
             "--batch-in-flight" => args.batch_in_flight = Some(number()?.max(1) as usize),
             "--claim-batch" => args.claim_batch = Some(number()?.max(1) as usize),
+            "--claim-gather" => args.claim_gather_ms = Some(number()?),
             "--notify" => {
                 args.notify = match value.as_str() {
                     "on" => true,
@@ -227,6 +232,9 @@ async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
     let mut worker_config = WorkerConfig::default();
     worker_config.concurrency = args.concurrency;
     worker_config.claim_batch = args.claim_batch;
+    if let Some(ms) = args.claim_gather_ms {
+        worker_config.claim_gather = Duration::from_millis(ms);
+    }
     // Every progress call is a real event, as every updateProgress is for the peers.
     worker_config.progress_interval = Duration::ZERO;
     worker_config.claim_wait = Duration::from_millis(200);
