@@ -240,6 +240,10 @@ fn build_apalis(env: &Env) -> Result<PathBuf, String> {
         .args(["build", "--release", "--locked", "--manifest-path"])
         .arg(&manifest)
         .env("CARGO_TARGET_DIR", &target)
+        // apalis-postgres checks its queries at build time against the database named by
+        // DATABASE_URL when one is set (ours, where its schema may not exist yet); its crate
+        // ships the checked queries, so the build needs no database.
+        .env("SQLX_OFFLINE", "true")
         .stdout(Stdio::null())
         .status()
         .map_err(|e| format!("cannot run cargo: {e}"))?;
