@@ -122,7 +122,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
         // Another worker may have this kind's handler (workers of a fleet can differ): give the
         // job back as it is rather than fail it.
-        if lock(&shared.foreign_kinds).insert(job.kind.clone()) {
+        if remember_foreign_kind(&mut lock(&shared.foreign_kinds), &job.kind) {
             tracing::warn!(kind = %job.kind, "no handler for this kind here; giving its jobs back");
         } else {
             tracing::debug!(kind = %job.kind, "no handler for this kind here; giving the job back");
@@ -212,6 +212,15 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         (outcome, _) => outcome,
     };
     conclude(shared, lease, &ctx, outcome).await
+}
+
+/// Most kinds without a handler remembered per worker: past it, new ones are logged at debug
+/// level only, so a queue full of odd kinds cannot grow the worker's memory.
+const FOREIGN_KINDS_REMEMBERED: usize = 256;
+
+/// Whether `kind` is met for the first time (and remembered) here.
+fn remember_foreign_kind(seen: &mut std::collections::HashSet<String>, kind: &str) -> bool {
+    seen.len() < FOREIGN_KINDS_REMEMBERED && !seen.contains(kind) && seen.insert(kind.to_owned())
 }
 
 /// Fails a job that cannot start here, for good.
@@ -470,4 +479,21 @@ async fn write_final(
         message: format!("job {} kept changing; final write gave up", lease.job_id),
         source: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_kinds_are_remembered_up_to_a_bound() {
+        let mut seen = std::collections::HashSet::new();
+        assert!(remember_foreign_kind(&mut seen, "a"));
+        assert!(!remember_foreign_kind(&mut seen, "a"));
+        for i in 1..FOREIGN_KINDS_REMEMBERED {
+            assert!(remember_foreign_kind(&mut seen, &format!("k{i}")));
+        }
+        assert!(!remember_foreign_kind(&mut seen, "one too many"));
+        assert_eq!(seen.len(), FOREIGN_KINDS_REMEMBERED);
+    }
 }
