@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use longjob_core::queue::{Lease, QueueStats};
 use longjob_core::{BackendError, BackendResult, JobId, Queue};
 use sqlx::{Acquire, Postgres};
@@ -37,15 +38,30 @@ pub struct PgQueue {
     sql: Arc<Sql>,
     acks: Arc<Batcher<Lease, bool>>,
     pushes: Arc<Batcher<(Vec<JobId>, Duration), ()>>,
+    /// While a backlog drains: where this process's next claim may start looking, and since
+    /// when claims have started there (see [`PgQueue::claim_once`]).
+    claim_floor: Arc<std::sync::Mutex<Option<ClaimFloor>>>,
 }
 
 /// Most operations gathered in one statement.
 const MAX_BATCH: usize = 256;
 
+/// How long claims may start at a floor before one looks at the whole queue again.
+const FLOOR_REFRESH: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Clone, Copy)]
+struct ClaimFloor {
+    /// The earliest due time among the jobs of the last full claim.
+    due: DateTime<Utc>,
+    since: Instant,
+}
+
 #[derive(Debug)]
 struct Sql {
     push: String,
     claim: String,
+    /// The claim, looking only at jobs due at or after `$3`.
+    claim_from: String,
     next_due: String,
     extend: String,
     ack: String,
@@ -72,17 +88,8 @@ impl Sql {
                    RETURNING 1) \
                  SELECT count(*){notify} FROM ins"
             )),
-            claim: db.sql(
-                "WITH picked AS (SELECT job_id, available_at FROM {s}.queue \
-                   WHERE available_at <= now() ORDER BY available_at, job_id \
-                   LIMIT $1 FOR UPDATE SKIP LOCKED), \
-                 leased AS (UPDATE {s}.queue q SET leased = true, \
-                   token = nextval('{s}.lease_tokens'), \
-                   available_at = now() + make_interval(secs => $2) \
-                   FROM picked WHERE q.job_id = picked.job_id \
-                   RETURNING q.job_id, q.token, picked.available_at AS due) \
-                 SELECT job_id, token FROM leased ORDER BY due, job_id",
-            ),
+            claim: db.sql(&claim_sql("")),
+            claim_from: db.sql(&claim_sql("AND available_at >= $3")),
             next_due: db
                 .sql("SELECT extract(epoch FROM min(available_at) - now())::float8 FROM {s}.queue"),
             extend: db.sql(
@@ -123,6 +130,22 @@ impl Sql {
     }
 }
 
+/// Claims up to `$1` due jobs for `$2` seconds (with `bound`, an extra condition on the due
+/// time); returns their ids, tokens and due times, earliest first.
+fn claim_sql(bound: &str) -> String {
+    format!(
+        "WITH picked AS (SELECT job_id, available_at FROM {{s}}.queue \
+           WHERE available_at <= now() {bound} ORDER BY available_at, job_id \
+           LIMIT $1 FOR UPDATE SKIP LOCKED), \
+         leased AS (UPDATE {{s}}.queue q SET leased = true, \
+           token = nextval('{{s}}.lease_tokens'), \
+           available_at = now() + make_interval(secs => $2) \
+           FROM picked WHERE q.job_id = picked.job_id \
+           RETURNING q.job_id, q.token, picked.available_at AS due) \
+         SELECT job_id, token, due FROM leased ORDER BY due, job_id"
+    )
+}
+
 fn token_of(lease: &Lease) -> BackendResult<i64> {
     i64::try_from(lease.token)
         .map_err(|_| BackendError::InvalidArgument(format!("lease token {}", lease.token)))
@@ -146,6 +169,7 @@ impl PgQueue {
             sql,
             acks,
             pushes,
+            claim_floor: Arc::default(),
         }
     }
 
@@ -178,18 +202,40 @@ impl PgQueue {
         Ok(())
     }
 
+    /// Claims up to `max` due jobs.
+    ///
+    /// A claimed job's old entry in the `(available_at, job_id)` index stays behind, dead, until
+    /// a vacuum, and claims take the earliest entries first: while a backlog drains, each claim
+    /// would walk past every job claimed before it (measured: 98 index pages a claim at the
+    /// start of a run of 200 000 jobs, 850 and 5 ms by its middle). So after a full claim the
+    /// next one starts at the earliest due time that claim took. What it may then miss (a job
+    /// another claimer had locked, or one pushed in a long transaction whose `now()` is in the
+    /// past) is found by a claim that looks at the whole queue: when a claim from the floor
+    /// comes back short (for the rest), and at least every [`FLOOR_REFRESH`].
     async fn claim_once(&self, max: i64, ttl: Duration) -> BackendResult<Vec<Lease>> {
-        let rows: Vec<(Uuid, i64)> = self
-            .db
-            .run(
-                sqlx::query_as(&self.sql.claim)
-                    .bind(max)
-                    .bind(secs(ttl))
-                    .fetch_all(&self.db.pool),
-            )
-            .await?;
+        let floor = self.floor().filter(|f| f.since.elapsed() < FLOOR_REFRESH);
+        let mut rows = match floor {
+            Some(f) => self.claim_rows(max, ttl, Some(f.due)).await?,
+            None => Vec::new(),
+        };
+        let whole_queue = floor.is_none() || (rows.len() as i64) < max;
+        if whole_queue {
+            let rest = max - rows.len() as i64;
+            rows.extend(self.claim_rows(rest, ttl, None).await?);
+        }
+        let next = match rows.iter().map(|(_, _, due)| *due).min() {
+            Some(due) if rows.len() as i64 >= max => Some(ClaimFloor {
+                due,
+                since: match floor {
+                    Some(f) if !whole_queue => f.since,
+                    _ => Instant::now(),
+                },
+            }),
+            _ => None,
+        };
+        *self.floor_slot() = next;
         rows.into_iter()
-            .map(|(id, token)| {
+            .map(|(id, token, _)| {
                 Ok(Lease {
                     job_id: JobId::from_uuid(id),
                     token: u64::try_from(token)
@@ -197,6 +243,33 @@ impl PgQueue {
                 })
             })
             .collect()
+    }
+
+    async fn claim_rows(
+        &self,
+        max: i64,
+        ttl: Duration,
+        from: Option<DateTime<Utc>>,
+    ) -> BackendResult<Vec<(Uuid, i64, DateTime<Utc>)>> {
+        let query = match from {
+            Some(from) => sqlx::query_as(&self.sql.claim_from)
+                .bind(max)
+                .bind(secs(ttl))
+                .bind(from),
+            None => sqlx::query_as(&self.sql.claim).bind(max).bind(secs(ttl)),
+        };
+        self.db.run(query.fetch_all(&self.db.pool)).await
+    }
+
+    fn floor_slot(&self) -> std::sync::MutexGuard<'_, Option<ClaimFloor>> {
+        // The floor is a hint: a poisoned lock still holds a usable one.
+        self.claim_floor
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn floor(&self) -> Option<ClaimFloor> {
+        *self.floor_slot()
     }
 
     /// How long until the next job (or expired lease) becomes available, if any is queued.

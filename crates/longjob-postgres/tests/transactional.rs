@@ -7,7 +7,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use longjob_core::store::Inserted;
-use longjob_core::{BackendError, Job, JobStore, Queue};
+use longjob_core::{BackendError, Job, JobId, JobStore, Queue};
 use longjob_postgres::{PgBackend, PgConfig};
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -217,4 +217,47 @@ async fn invalid_schema_name_is_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, BackendError::InvalidArgument(_)), "{err:?}");
+}
+
+/// While a backlog drains, a claim starts where the last full one did (past the dead index
+/// entries of the jobs claimed before). A job pushed in a transaction that began earlier sorts
+/// before that point (its `now()` is in the past): it is still claimed within about a second,
+/// not after the whole backlog.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_enqueued_in_an_older_transaction_is_claimed_while_a_backlog_drains() {
+    let pg = common::backend().await;
+    let queue = pg.queue();
+    let mut tx = pg.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let backlog: Vec<JobId> = (0..5000).map(|_| JobId::new()).collect();
+    queue.push_many(&backlog, Duration::ZERO).await.unwrap();
+    let first = queue.claim(50, LEASE, Duration::ZERO).await.unwrap();
+    assert_eq!(first.len(), 50);
+    let late = Job::new("export", "alice", serde_json::json!({"order": 2}));
+    pg.enqueue_with(&mut *tx, &late, Duration::from_secs(3600))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let started = Instant::now();
+    let mut claimed = first.len();
+    loop {
+        let leases = queue.claim(50, LEASE, Duration::ZERO).await.unwrap();
+        claimed += leases.len();
+        if leases.iter().any(|l| l.job_id == late.id) {
+            break;
+        }
+        assert!(
+            claimed < 4000,
+            "the late job waited behind the backlog: {claimed} jobs claimed over {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "claimed after {:?}",
+        started.elapsed()
+    );
 }
