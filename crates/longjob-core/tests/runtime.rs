@@ -707,6 +707,41 @@ async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
 }
 
+/// A graceful shutdown waits for the outcomes still being written (here, an ack that has not
+/// answered yet), past the grace period too: the job is completed and acked, not left to its
+/// lease's expiry.
+#[tokio::test(start_paused = true)]
+async fn shutdown_waits_for_outcomes_being_written() {
+    let queue = Arc::new(CountingQueue::new());
+    queue.acks_open.send_replace(false);
+    let lj = LongJob::builder()
+        .queue(queue.clone())
+        .config(config(1))
+        .build();
+    let id = submit(&lj, "quick", &[]).await;
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("quick", |_, _: serde_json::Value| async { Ok(None) })
+        .start();
+    wait_state(&lj, id, JobState::Completed).await;
+    let opener = tokio::spawn({
+        let queue = Arc::clone(&queue);
+        async move {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            queue.acks_open.send_replace(true);
+        }
+    });
+    let started = Instant::now();
+    worker.shutdown(Duration::from_secs(1)).await;
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "shutdown returned before the ack was written"
+    );
+    opener.await.unwrap();
+    assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
+}
+
 /// Slots freed a few milliseconds apart are claimed together (one claim, and one batch for each
 /// later step), and with no gathering each is claimed on its own.
 #[tokio::test(start_paused = true)]
