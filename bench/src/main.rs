@@ -211,9 +211,36 @@ async fn facade(args: &Args) -> Result<(LongJob, Namespace), String> {
 
 async fn throughput(args: &Args) -> Result<serde_json::Value, String> {
     let (lj, namespace) = facade(args).await?;
-    let result = run(args, &lj).await;
+    // A run stopped by Ctrl-C or SIGTERM still removes its keys or schema: an interrupted run
+    // of 200 000 jobs left 300 000 keys (777 MB) in Redis, and the runs after it were slower.
+    let result = tokio::select! {
+        result = run(args, &lj) => result,
+        signal = interrupted() => Err(format!("interrupted by {signal}; the run's data was removed")),
+    };
     namespace.clean().await;
     result
+}
+
+/// Resolves on SIGINT or SIGTERM (never, if neither can be listened for).
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => match r {
+            Ok(()) => "SIGINT",
+            Err(_) => std::future::pending().await,
+        },
+        () = terminate => "SIGTERM",
+    }
 }
 
 async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
