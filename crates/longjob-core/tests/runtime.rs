@@ -629,6 +629,18 @@ impl CountingQueue {
     }
 }
 
+/// A facade over a fresh counting queue (one attempt a job); acks wait while `acks_open` is
+/// false, until the test opens them.
+fn on_counting_queue(acks_open: bool) -> (Arc<CountingQueue>, LongJob) {
+    let queue = Arc::new(CountingQueue::new());
+    queue.acks_open.send_replace(acks_open);
+    let lj = LongJob::builder()
+        .queue(queue.clone())
+        .config(config(1))
+        .build();
+    (queue, lj)
+}
+
 #[async_trait]
 impl Queue for CountingQueue {
     async fn push(&self, job: JobId, delay: Duration) -> BackendResult<()> {
@@ -667,12 +679,7 @@ impl Queue for CountingQueue {
 /// one slot, one job finishes while one runs, and a third waits.
 #[tokio::test(start_paused = true)]
 async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
-    let queue = Arc::new(CountingQueue::new());
-    queue.acks_open.send_replace(false);
-    let lj = LongJob::builder()
-        .queue(queue.clone())
-        .config(config(1))
-        .build();
+    let (queue, lj) = on_counting_queue(false);
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(submit(&lj, "quick", &[]).await);
@@ -712,12 +719,7 @@ async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
 /// lease's expiry.
 #[tokio::test(start_paused = true)]
 async fn shutdown_waits_for_outcomes_being_written() {
-    let queue = Arc::new(CountingQueue::new());
-    queue.acks_open.send_replace(false);
-    let lj = LongJob::builder()
-        .queue(queue.clone())
-        .config(config(1))
-        .build();
+    let (queue, lj) = on_counting_queue(false);
     let id = submit(&lj, "quick", &[]).await;
     let worker = lj
         .worker()
@@ -750,11 +752,7 @@ async fn slots_freed_together_are_claimed_together() {
         (Duration::from_millis(5), vec![8, 8]),
         (Duration::ZERO, vec![8, 2, 2, 2, 2]),
     ] {
-        let queue = Arc::new(CountingQueue::new());
-        let lj = LongJob::builder()
-            .queue(queue.clone())
-            .config(config(1))
-            .build();
+        let (queue, lj) = on_counting_queue(true);
         let mut ids = Vec::new();
         for _ in 0..16 {
             ids.push(submit(&lj, "staggered", &[]).await);
@@ -788,11 +786,7 @@ async fn slots_freed_together_are_claimed_together() {
 /// twenty leases, and no lease is lost.
 #[tokio::test(start_paused = true)]
 async fn one_extend_call_per_heartbeat_keeps_every_lease() {
-    let queue = Arc::new(CountingQueue::new());
-    let lj = LongJob::builder()
-        .queue(queue.clone())
-        .config(config(1))
-        .build();
+    let (queue, lj) = on_counting_queue(true);
     let mut cfg = worker_config();
     cfg.concurrency = 20;
     let worker = lj
