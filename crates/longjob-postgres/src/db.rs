@@ -1,6 +1,7 @@
 //! The shared context of the three backends: the pool, the schema and error mapping.
 
 use std::future::Future;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use longjob_core::{BackendError, BackendResult};
@@ -79,4 +80,10 @@ impl Db {
 /// Seconds of a duration, for `make_interval(secs => ...)`.
 pub(crate) fn secs(d: Duration) -> f64 {
     d.as_secs_f64()
+}
+
+/// Locks `m`, taking over a lock poisoned by a panicking holder: what these locks guard (hints
+/// and subscriber lists) stays usable.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }

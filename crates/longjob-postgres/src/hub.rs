@@ -6,7 +6,7 @@
 //! meanwhile are gone) and, when notifications are off, on a timer.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use longjob_core::{JobEvent, JobId};
@@ -14,6 +14,8 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
+
+use crate::db::lock;
 
 /// What a job's subscribers hear from the hub.
 #[derive(Debug, Clone)]
@@ -67,10 +69,6 @@ impl Drop for Hub {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Hub {

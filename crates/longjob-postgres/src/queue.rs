@@ -12,7 +12,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use crate::db::{Db, secs};
+use crate::db::{Db, lock, secs};
 use crate::error::BACKEND;
 use crate::hub::Hub;
 use longjob_core::batch::Batcher;
@@ -213,7 +213,7 @@ impl PgQueue {
     /// past) is found by a claim that looks at the whole queue: when a claim from the floor
     /// comes back short (for the rest), and at least every [`FLOOR_REFRESH`].
     async fn claim_once(&self, max: i64, ttl: Duration) -> BackendResult<Vec<Lease>> {
-        let floor = self.floor().filter(|f| f.since.elapsed() < FLOOR_REFRESH);
+        let floor = (*lock(&self.claim_floor)).filter(|f| f.since.elapsed() < FLOOR_REFRESH);
         let mut rows = match floor {
             Some(f) => self.claim_rows(max, ttl, Some(f.due)).await?,
             None => Vec::new(),
@@ -233,7 +233,7 @@ impl PgQueue {
             }),
             _ => None,
         };
-        *self.floor_slot() = next;
+        *lock(&self.claim_floor) = next;
         rows.into_iter()
             .map(|(id, token, _)| {
                 Ok(Lease {
@@ -259,17 +259,6 @@ impl PgQueue {
             None => sqlx::query_as(&self.sql.claim).bind(max).bind(secs(ttl)),
         };
         self.db.run(query.fetch_all(&self.db.pool)).await
-    }
-
-    fn floor_slot(&self) -> std::sync::MutexGuard<'_, Option<ClaimFloor>> {
-        // The floor is a hint: a poisoned lock still holds a usable one.
-        self.claim_floor
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn floor(&self) -> Option<ClaimFloor> {
-        *self.floor_slot()
     }
 
     /// How long until the next job (or expired lease) becomes available, if any is queued.

@@ -332,11 +332,7 @@ async fn claim_loop(
         for (lease, permit) in leases.into_iter().zip(permits) {
             lock(&shared.running).insert(lease.job_id, (lease, None));
             let shared = Arc::clone(&shared);
-            let mut slot = Slot {
-                running: Some(permit),
-                finishing: Arc::clone(&finishing),
-                finishing_permit: None,
-            };
+            let mut slot = Slot::running(permit, Arc::clone(&finishing));
             jobs.spawn(async move {
                 run::run_job(&shared, lease, &mut slot).await;
                 lock(&shared.running).remove(&lease.job_id);
@@ -350,22 +346,37 @@ async fn claim_loop(
 /// finishing one while its outcome is written (bounded too, so outcomes cannot pile up while
 /// the backend is slow).
 pub(crate) struct Slot {
-    running: Option<tokio::sync::OwnedSemaphorePermit>,
+    held: Held,
     finishing: Arc<Semaphore>,
-    finishing_permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// The permit a job holds, released when the job is dropped.
+enum Held {
+    Running {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
+    Finishing {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
 }
 
 impl Slot {
+    fn running(permit: tokio::sync::OwnedSemaphorePermit, finishing: Arc<Semaphore>) -> Self {
+        Self {
+            held: Held::Running { _permit: permit },
+            finishing,
+        }
+    }
+
     /// The handler has returned: trades the running slot for a finishing one (waiting for one
     /// if as many jobs are finishing already), so the claimer can start another job.
     pub(crate) async fn handler_done(&mut self) {
-        if self.running.is_none() {
+        if matches!(self.held, Held::Finishing { .. }) {
             return;
         }
         // The semaphore is never closed; should it be, the job keeps its running slot.
         if let Ok(permit) = Arc::clone(&self.finishing).acquire_owned().await {
-            self.finishing_permit = Some(permit);
-            self.running = None;
+            self.held = Held::Finishing { _permit: permit };
         }
     }
 }
