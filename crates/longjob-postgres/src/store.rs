@@ -163,8 +163,10 @@ impl Sql {
             version_of: db
                 .sql("SELECT version, lease_token FROM {s}.download_jobs WHERE id = $1"),
             list: format!(
+                // Newest first by the (owner, created_at) index read backwards; ids (UUID v7)
+                // break ties of one microsecond the way they were made.
                 "SELECT {columns} FROM {}.download_jobs j WHERE j.owner = $1 \
-                 ORDER BY j.id DESC LIMIT $2",
+                 ORDER BY j.created_at DESC, j.id DESC LIMIT $2",
                 db.schema
             ),
             find_key: format!(

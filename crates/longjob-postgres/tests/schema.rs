@@ -1,5 +1,6 @@
 //! What the schema is for: job updates that finish no job are HOT updates (no index entries),
-//! and the owner's unfinished jobs are counted by `finished_at`, through every transition.
+//! the owner's unfinished jobs are counted by `finished_at`, through every transition, and an
+//! event writes one B-tree entry (its key) while old events can still be purged by time.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -214,5 +215,74 @@ async fn a_database_at_schema_version_1_is_migrated_with_its_jobs() {
     .fetch_all(pg.pool())
     .await
     .unwrap();
-    assert_eq!(versions, [1, 2]);
+    assert_eq!(versions, [1, 2, 3]);
+}
+
+/// The B-tree indexes of a table of the test's schema, as `pg_get_indexdef` prints them.
+async fn b_tree_indexes(pg: &PgBackend, table: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT pg_get_indexdef(i.indexrelid) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         JOIN pg_class ic ON ic.oid = i.indexrelid JOIN pg_am am ON am.oid = ic.relam \
+         WHERE n.nspname = $1 AND c.relname = $2 AND am.amname = 'btree' ORDER BY 1",
+    )
+    .bind(pg.schema())
+    .bind(table)
+    .fetch_all(pg.pool())
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_writes_one_b_tree_entry_and_a_job_three() {
+    let pg = common::backend().await;
+    let events = b_tree_indexes(&pg, "job_events").await;
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert!(events[0].contains("(job_id, seq)"), "{events:?}");
+    // The primary key, (owner, created_at) and the partial index of unfinished jobs; the
+    // finished-at index is partial on the other side, so a job is in three at any time.
+    let jobs = b_tree_indexes(&pg, "download_jobs").await;
+    assert_eq!(jobs.len(), 4, "{jobs:?}");
+    assert!(!jobs.iter().any(|d| d.contains("(owner, id")), "{jobs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_older_than_a_cutoff_are_purged_and_newer_ones_kept() {
+    use futures::StreamExt;
+    use longjob_core::{EventPayload, JobId, ProgressBus};
+
+    let pg = common::backend().await;
+    let bus = pg.bus();
+    let (old, new) = (JobId::new(), JobId::new());
+    for _ in 0..3 {
+        bus.publish(old, EventPayload::Cancelled {}).await.unwrap();
+    }
+    // `at` is the statement's time: leave a clear gap around the cutoff.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cutoff = Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    bus.publish(new, EventPayload::Cancelled {}).await.unwrap();
+    bus.publish(old, EventPayload::Cancelled {}).await.unwrap();
+
+    // One at a time: the limit holds.
+    assert_eq!(bus.purge_events_before(cutoff, 1).await.unwrap(), 1);
+    assert_eq!(bus.purge_events_before(cutoff, 100).await.unwrap(), 2);
+    assert_eq!(bus.purge_events_before(cutoff, 100).await.unwrap(), 0);
+
+    let seqs = |job| {
+        let bus = bus.clone();
+        async move {
+            let mut stream = bus.subscribe(job, 0).await.unwrap();
+            let mut seqs = Vec::new();
+            while let Ok(Some(event)) =
+                tokio::time::timeout(Duration::from_millis(300), stream.next()).await
+            {
+                seqs.push(event.unwrap().seq);
+            }
+            seqs
+        }
+    };
+    // The old job's fourth event, published after the cutoff, is kept; so is the new job's.
+    assert_eq!(seqs(old).await, [4]);
+    assert_eq!(seqs(new).await, [1]);
 }
