@@ -30,9 +30,24 @@ use crate::{BackendError, BackendResult};
 
 type Reply<T> = oneshot::Sender<BackendResult<T>>;
 type Request<Req, Resp> = (Req, Reply<Resp>);
-type Inbox<Req, Resp> = Arc<tokio::sync::Mutex<mpsc::Receiver<Request<Req, Resp>>>>;
+type Inbox<Req, Resp> = Arc<tokio::sync::Mutex<mpsc::Receiver<Entry<Req, Resp>>>>;
 /// The inbox and the batch runner, kept until the first call starts the tasks.
-type Unstarted<Req, Resp> = (mpsc::Receiver<Request<Req, Resp>>, Exec<Req, Resp>);
+type Unstarted<Req, Resp> = (mpsc::Receiver<Entry<Req, Resp>>, Exec<Req, Resp>);
+
+/// What the inbox holds: one request, or a group that must share a batch.
+enum Entry<Req, Resp> {
+    One(Request<Req, Resp>),
+    Group(Vec<Request<Req, Resp>>),
+}
+
+impl<Req, Resp> Entry<Req, Resp> {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Group(requests) => requests.len(),
+        }
+    }
+}
 type Exec<Req, Resp> = Arc<
     dyn Fn(Vec<Req>) -> futures::future::BoxFuture<'static, BackendResult<Vec<BackendResult<Resp>>>>
         + Send
@@ -42,12 +57,14 @@ type Exec<Req, Resp> = Arc<
 /// Gathers concurrent requests into batches and runs each batch with one call of `exec`, with
 /// up to `in_flight` batches running at once.
 ///
-/// Its tasks start on the tokio runtime of the first [`call`](Self::call) and stop when the
-/// batcher is dropped. Waiting requests are bounded: past `4 × max_batch` of them, callers wait
-/// to be queued.
+/// Its tasks start on the tokio runtime of the first call and stop when the batcher is dropped.
+/// Waiting calls are bounded: past `4 × max_batch` of them, callers wait to be queued.
+///
+/// [`call_many`](Self::call_many) sends requests that must stay together and in order (a job's
+/// events, say): they run in one batch, whatever `in_flight` is.
 pub struct Batcher<Req, Resp> {
     backend: &'static str,
-    tx: mpsc::Sender<Request<Req, Resp>>,
+    tx: mpsc::Sender<Entry<Req, Resp>>,
     pending: Mutex<Option<Unstarted<Req, Resp>>>,
     started: OnceLock<()>,
     max_batch: usize,
@@ -91,12 +108,57 @@ impl<Req: Send + 'static, Resp: Send + 'static> Batcher<Req, Resp> {
         self.started.get_or_init(|| self.start());
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send((req, reply))
+            .send(Entry::One((req, reply)))
             .await
             .map_err(|_| self.stopped("the batching task has stopped"))?;
         answer
             .await
             .map_err(|_| self.stopped("the batching task dropped a request"))?
+    }
+
+    /// Runs `reqs` together, in their order, in one batch (which may exceed `max_batch` to hold
+    /// them), and returns each one's answer in that order.
+    ///
+    /// ```
+    /// use longjob_core::batch::Batcher;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), longjob_core::BackendError> {
+    /// // A "backend call" that numbers what it is given, from 1 in each batch.
+    /// let numbering = Batcher::new("example", 2, 4, |names: Vec<&str>| async move {
+    ///     Ok((1..).zip(names).map(|(n, name)| Ok(format!("{n}:{name}"))).collect())
+    /// });
+    /// let answers = numbering.call_many(vec!["a", "b", "c"]).await?;
+    /// let answers: Vec<String> = answers.into_iter().collect::<Result<_, _>>()?;
+    /// assert_eq!(answers, ["1:a", "2:b", "3:c"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn call_many(&self, reqs: Vec<Req>) -> BackendResult<Vec<BackendResult<Resp>>> {
+        if reqs.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.started.get_or_init(|| self.start());
+        let (group, answers): (Vec<_>, Vec<_>) = reqs
+            .into_iter()
+            .map(|req| {
+                let (reply, answer) = oneshot::channel();
+                ((req, reply), answer)
+            })
+            .unzip();
+        self.tx
+            .send(Entry::Group(group))
+            .await
+            .map_err(|_| self.stopped("the batching task has stopped"))?;
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
+            out.push(
+                answer
+                    .await
+                    .map_err(|_| self.stopped("the batching task dropped a request"))?,
+            );
+        }
+        Ok(out)
     }
 
     fn start(&self) {
@@ -138,16 +200,26 @@ async fn run<Req, Resp>(
             let Some(first) = rx.recv().await else {
                 return;
             };
+            let mut size = first.len();
             let mut batch = vec![first];
-            while batch.len() < max_batch {
+            while size < max_batch {
                 match rx.try_recv() {
-                    Ok(next) => batch.push(next),
+                    Ok(next) => {
+                        size += next.len();
+                        batch.push(next);
+                    }
                     Err(_) => break,
                 }
             }
             batch
         };
-        let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch.into_iter().unzip();
+        let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch
+            .into_iter()
+            .flat_map(|entry| match entry {
+                Entry::One(request) => vec![request],
+                Entry::Group(requests) => requests,
+            })
+            .unzip();
         let n = reqs.len();
         match exec(reqs).await {
             Ok(results) if results.len() == n => {
@@ -201,6 +273,50 @@ mod tests {
         let sizes = sizes.lock().unwrap();
         assert_eq!(sizes.iter().sum::<usize>(), 100);
         assert!(sizes.len() < 100, "nothing was batched: {sizes:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_group_runs_in_one_batch_in_order_among_concurrent_calls() {
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&batches);
+        // Several batches in flight at once, small batches: only grouping keeps a group whole.
+        let batcher = Arc::new(Batcher::new("test", 4, 4, move |reqs: Vec<u32>| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push(reqs.clone());
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                Ok(reqs.into_iter().map(|r| Ok(r + 1)).collect())
+            }
+        }));
+        let singles = (0..50u32).map(|i| {
+            let b = Arc::clone(&batcher);
+            tokio::spawn(async move { b.call(i).await.unwrap() })
+        });
+        let groups = (0..10u32).map(|g| {
+            let b = Arc::clone(&batcher);
+            tokio::spawn(async move {
+                let group: Vec<u32> = (0..10).map(|i| 1000 * (g + 1) + i).collect();
+                let answers = b.call_many(group.clone()).await.unwrap();
+                let answers: Vec<u32> = answers.into_iter().map(Result::unwrap).collect();
+                assert_eq!(answers, group.iter().map(|r| r + 1).collect::<Vec<_>>());
+                group
+            })
+        });
+        let (singles, groups) = futures::future::join(
+            futures::future::join_all(singles),
+            futures::future::join_all(groups),
+        )
+        .await;
+        assert_eq!(singles.len(), 50);
+        let batches = batches.lock().unwrap().clone();
+        for group in groups {
+            let group = group.unwrap();
+            let whole = batches
+                .iter()
+                .any(|batch| batch.windows(group.len()).any(|w| w == group.as_slice()));
+            assert!(whole, "{group:?} was split or reordered: {batches:?}");
+        }
+        assert!(batcher.call_many(Vec::new()).await.unwrap().is_empty());
     }
 
     #[tokio::test]

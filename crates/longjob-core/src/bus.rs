@@ -29,6 +29,22 @@ pub trait ProgressBus: fmt::Debug + Send + Sync + 'static {
     /// Publishes an event of `job`; returns it with its `seq` and time.
     async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent>;
 
+    /// Publishes events of `job` in their order, as consecutive calls of
+    /// [`publish`](Self::publish) would; returns them with their seqs. Backends that can
+    /// publish them in one round trip do (a worker sends a job's queued progress events this
+    /// way). On an error, the events before the failing one may have been published.
+    async fn publish_many(
+        &self,
+        job: JobId,
+        payloads: Vec<EventPayload>,
+    ) -> BackendResult<Vec<JobEvent>> {
+        let mut events = Vec::with_capacity(payloads.len());
+        for payload in payloads {
+            events.push(self.publish(job, payload).await?);
+        }
+        Ok(events)
+    }
+
     /// The retained events of `job` after `after_seq`, then its live events.
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream>;
 

@@ -342,6 +342,16 @@ impl ProgressBus for PgProgressBus {
         self.publishes.call((job, payload)).await
     }
 
+    async fn publish_many(
+        &self,
+        job: JobId,
+        payloads: Vec<EventPayload>,
+    ) -> BackendResult<Vec<JobEvent>> {
+        // One group: one statement numbers them in order, even with batches in flight at once.
+        let group = payloads.into_iter().map(|payload| (job, payload)).collect();
+        self.publishes.call_many(group).await?.into_iter().collect()
+    }
+
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
         // Listen first, then read the table: an event published in between is seen twice
         // (and dropped by seq), never missed.

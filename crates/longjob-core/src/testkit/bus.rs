@@ -19,6 +19,7 @@ macro_rules! bus_conformance {
             subscribe_replays_after_seq_then_streams_live,
             replay_to_live_switch_has_no_gap_and_no_duplicate,
             concurrent_publishers_get_distinct_seqs,
+            publish_many_keeps_the_order_among_concurrent_publishes,
             events_of_each_job_arrive_in_order,
             many_subscribers_each_see_every_event,
             cancel_signal_reaches_listeners,
@@ -137,6 +138,49 @@ pub async fn concurrent_publishers_get_distinct_seqs(bus: &impl ProgressBus) {
     assert_eq!(all, (1..=200).collect::<Vec<_>>());
 }
 
+/// [`publish_many`](ProgressBus::publish_many) gives a job's events increasing seqs in their
+/// order, while single publishes of the same job and of others run at the same time; a
+/// subscriber sees every event once, in seq order; an empty call publishes nothing.
+pub async fn publish_many_keeps_the_order_among_concurrent_publishes(bus: &impl ProgressBus) {
+    let (job, other) = (JobId::new(), JobId::new());
+    let mut stream = bus.subscribe(job, 0).await.unwrap();
+    let groups = async {
+        let mut published = Vec::new();
+        for g in 0..10u64 {
+            let payloads = (0..20).map(|n| progress(g * 100 + n)).collect();
+            let events = bus.publish_many(job, payloads).await.unwrap();
+            let currents: Vec<u64> = events.iter().map(current).collect();
+            assert_eq!(currents, (0..20).map(|n| g * 100 + n).collect::<Vec<_>>());
+            assert!(events.iter().all(|e| e.job_id == job));
+            assert!(events.windows(2).all(|w| w[0].seq < w[1].seq), "{events:?}");
+            published.extend(events);
+        }
+        published
+    };
+    let singles = async {
+        for n in 0..50 {
+            bus.publish(job, progress(10_000 + n)).await.unwrap();
+            bus.publish(other, progress(n)).await.unwrap();
+        }
+    };
+    let (published, ()) = tokio::join!(groups, singles);
+    assert!(bus.publish_many(job, Vec::new()).await.unwrap().is_empty());
+
+    let seen = take(&mut stream, 250).await;
+    assert_eq!(seqs(&seen), (1..=250).collect::<Vec<_>>());
+    for event in &published {
+        let delivered = &seen[usize::try_from(event.seq - 1).unwrap()];
+        assert_eq!(current(delivered), current(event), "seq {}", event.seq);
+    }
+}
+
+fn current(event: &JobEvent) -> u64 {
+    match &event.payload {
+        EventPayload::Progress { progress } => progress.current,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
 /// Events of jobs published concurrently reach each job's subscribers, in order, and only theirs.
 pub async fn events_of_each_job_arrive_in_order(bus: &impl ProgressBus) {
     let jobs: Vec<JobId> = (0..4).map(|_| JobId::new()).collect();
@@ -154,13 +198,7 @@ pub async fn events_of_each_job_arrive_in_order(bus: &impl ProgressBus) {
         let events = take(stream, 50).await;
         assert!(events.iter().all(|e| e.job_id == *job));
         assert_eq!(seqs(&events), (1..=50).collect::<Vec<_>>());
-        let currents: Vec<u64> = events
-            .iter()
-            .map(|e| match &e.payload {
-                EventPayload::Progress { progress } => progress.current,
-                other => panic!("unexpected {other:?}"),
-            })
-            .collect();
+        let currents: Vec<u64> = events.iter().map(current).collect();
         assert_eq!(
             currents,
             (1..=50).collect::<Vec<_>>(),
