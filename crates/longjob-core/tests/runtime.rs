@@ -980,29 +980,61 @@ async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_annou
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
-/// A bus that takes its time over `processing` events, as a remote bus under load may.
+/// An in-memory bus, slowed down: the `processing` event takes 200 ms, and progress events wait
+/// while `progress_open` holds false. Counts the calls that carry progress events.
 #[derive(Debug)]
-struct SlowStartBus {
+struct SlowBus {
     inner: MemoryProgressBus,
+    progress_open: tokio::sync::watch::Sender<bool>,
+    progress_calls: AtomicUsize,
+}
+
+impl SlowBus {
+    fn new(progress_open: bool) -> Self {
+        Self {
+            inner: MemoryProgressBus::default(),
+            progress_open: tokio::sync::watch::Sender::new(progress_open),
+            progress_calls: AtomicUsize::new(0),
+        }
+    }
+
+    async fn delay(&self, payload: &EventPayload) {
+        match payload {
+            EventPayload::Status {
+                status: JobState::Running,
+                ..
+            } => tokio::time::sleep(Duration::from_millis(200)).await,
+            EventPayload::Progress { .. } => {
+                let _ = self.progress_open.subscribe().wait_for(|open| *open).await;
+            }
+            _ => {}
+        }
+    }
 }
 
 #[async_trait]
-impl longjob_core::ProgressBus for SlowStartBus {
+impl longjob_core::ProgressBus for SlowBus {
     async fn publish(
         &self,
         job: JobId,
         payload: EventPayload,
     ) -> BackendResult<longjob_core::JobEvent> {
-        if matches!(
-            payload,
-            EventPayload::Status {
-                status: JobState::Running,
-                ..
-            }
-        ) {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        self.delay(&payload).await;
+        if matches!(payload, EventPayload::Progress { .. }) {
+            self.progress_calls.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.publish(job, payload).await
+    }
+    async fn publish_many(
+        &self,
+        job: JobId,
+        payloads: Vec<EventPayload>,
+    ) -> BackendResult<Vec<longjob_core::JobEvent>> {
+        if let Some(first) = payloads.first() {
+            self.delay(first).await;
+        }
+        self.progress_calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.publish_many(job, payloads).await
     }
     async fn subscribe(
         &self,
@@ -1025,14 +1057,79 @@ impl longjob_core::ProgressBus for SlowStartBus {
     }
 }
 
+/// A job's events as the names of their types (statuses by their state), up to its outcome.
+async fn event_names(events: &mut longjob_core::bus::EventStream) -> (Vec<String>, Vec<u64>) {
+    let (mut names, mut currents) = (Vec::new(), Vec::new());
+    while let Some(Ok(event)) = events.next().await {
+        names.push(match &event.payload {
+            EventPayload::Status { status, .. } => status.to_string(),
+            other => other.type_name().to_owned(),
+        });
+        if let EventPayload::Progress { progress } = &event.payload {
+            currents.push(progress.current);
+        }
+        if event.is_terminal() {
+            break;
+        }
+    }
+    (names, currents)
+}
+
+/// A progress report does not wait for its event: while the bus holds progress events back,
+/// the handler goes on until the queue of unsent events is full (then it waits: memory stays
+/// bounded). The events then go out in order, several in one call, and before the outcome.
+#[tokio::test(start_paused = true)]
+async fn progress_reports_do_not_wait_for_the_bus() {
+    let bus = Arc::new(SlowBus::new(false));
+    let lj = LongJob::builder()
+        .bus(bus.clone())
+        .config(config(1))
+        .build();
+    let mut cfg = worker_config();
+    cfg.progress_interval = Duration::ZERO;
+    let reported = Arc::new(AtomicU32::new(0));
+    let worker = lj
+        .worker()
+        .config(cfg)
+        .handle("chatty", {
+            let reported = Arc::clone(&reported);
+            move |ctx, _: serde_json::Value| {
+                let reported = Arc::clone(&reported);
+                async move {
+                    for i in 1..=200 {
+                        ctx.progress(i, 200).await;
+                        reported.store(u32::try_from(i).unwrap(), Ordering::SeqCst);
+                    }
+                    Ok(None)
+                }
+            }
+        })
+        .start();
+    let id = submit(&lj, "chatty", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let done = reported.load(Ordering::SeqCst);
+    assert!(
+        (64..200).contains(&done),
+        "{done} of 200 reports returned while the bus held every event back"
+    );
+    bus.progress_open.send_replace(true);
+    let (names, currents) = event_names(&mut events).await;
+    assert_eq!(names.len(), 203, "{names:?}");
+    assert_eq!(names[..2], ["queued", "processing"]);
+    assert_eq!(names[202], "completed");
+    assert_eq!(currents, (1..=200).collect::<Vec<u64>>());
+    let calls = bus.progress_calls.load(Ordering::SeqCst);
+    assert!(calls <= 20, "200 progress events took {calls} calls");
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
 /// The `processing` event is sent while the handler runs; a handler reporting progress at once
 /// still has its progress events follow it, however slow the bus is with it.
 #[tokio::test(start_paused = true)]
 async fn progress_follows_the_processing_event_on_a_slow_bus() {
     let lj = LongJob::builder()
-        .bus(Arc::new(SlowStartBus {
-            inner: MemoryProgressBus::default(),
-        }))
+        .bus(Arc::new(SlowBus::new(true)))
         .config(config(1))
         .build();
     let worker = lj
@@ -1045,16 +1142,7 @@ async fn progress_follows_the_processing_event_on_a_slow_bus() {
         .start();
     let id = submit(&lj, "eager", &[]).await;
     let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
-    let mut types = Vec::new();
-    while let Some(Ok(event)) = events.next().await {
-        types.push(match &event.payload {
-            EventPayload::Status { status, .. } => status.to_string(),
-            other => other.type_name().to_owned(),
-        });
-        if event.is_terminal() {
-            break;
-        }
-    }
-    assert_eq!(types, ["queued", "processing", "progress", "completed"]);
+    let (names, _) = event_names(&mut events).await;
+    assert_eq!(names, ["queued", "processing", "progress", "completed"]);
     worker.shutdown(Duration::from_secs(1)).await;
 }

@@ -4,8 +4,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::blob::BlobStore;
 use crate::memory::lock;
@@ -18,7 +21,10 @@ use super::StopReason;
 /// The handler's view of its running job. Cheap to clone.
 ///
 /// Progress reports are rate-limited (the worker's `progress_interval` for events, its
-/// `store_flush_interval` for the store), so a handler may report in a tight loop.
+/// `store_flush_interval` for the store), so a handler may report in a tight loop. A report
+/// does not wait for its event to reach the bus: events are queued (up to 64; past that a
+/// report waits for room) and sent in order, several in one round trip, before the attempt's
+/// outcome event.
 #[derive(Clone)]
 pub struct JobContext {
     inner: Arc<ContextInner>,
@@ -48,9 +54,53 @@ pub(crate) struct ContextInner {
     /// Fired (a one-shot latch) once the attempt's `processing` event is published or given up:
     /// progress events wait for it, so they follow it whatever the bus.
     pub(crate) start_announced: CancellationToken,
+    /// The progress events on their way to the bus.
+    pub(crate) progress_events: Mutex<ProgressPipe>,
     pub(crate) state: Mutex<Tracked>,
     /// Our latest stored copy of the job; also serializes our own writes.
     pub(crate) stored: tokio::sync::Mutex<Job>,
+}
+
+/// Most progress events queued for the bus per attempt: past it, a report waits for room.
+const PROGRESS_QUEUE: usize = 64;
+
+/// A handler's progress events go to the bus through a queue, so a report does not wait for a
+/// round trip: one task per attempt (started at its first event) sends whatever has queued up
+/// in one [`publish_many`](crate::ProgressBus::publish_many), in order, after the `processing`
+/// event. The attempt's outcome waits for the queue to drain ([`JobContext::close_progress`]).
+pub(crate) enum ProgressPipe {
+    /// No event yet.
+    Idle,
+    Open {
+        queue: mpsc::Sender<EventPayload>,
+        sender: JoinHandle<()>,
+    },
+    /// The attempt is concluding: later reports send no event.
+    Closed,
+}
+
+/// The task behind a [`ProgressPipe`]. It holds the bus, not the context, so a context
+/// dropped without [`JobContext::close_progress`] ends it by dropping the queue's sender.
+async fn send_progress(
+    bus: std::sync::Arc<dyn crate::ProgressBus>,
+    job: JobId,
+    start_announced: CancellationToken,
+    mut queue: mpsc::Receiver<EventPayload>,
+) {
+    start_announced.cancelled().await;
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < PROGRESS_QUEUE {
+            match queue.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        // Best effort: the store holds the progress too.
+        if let Err(e) = bus.publish_many(job, batch).await {
+            tracing::warn!(job_id = %job, error = %e, "progress events not published");
+        }
+    }
 }
 
 pub(crate) struct Tracked {
@@ -222,17 +272,48 @@ impl JobContext {
         self.publish_progress(progress).await;
     }
 
-    /// Progress events are best effort: the store holds the progress too.
+    /// Queues a progress event (see [`ProgressPipe`]); waits only when the queue is full.
     async fn publish_progress(&self, progress: Progress) {
-        self.inner.start_announced.cancelled().await;
-        if let Err(e) = self
-            .inner
-            .lj
-            .bus()
-            .publish(self.inner.job_id, EventPayload::Progress { progress })
-            .await
-        {
-            tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress event not published");
+        let queue = {
+            let mut pipe = lock(&self.inner.progress_events);
+            match &*pipe {
+                ProgressPipe::Open { queue, .. } => queue.clone(),
+                ProgressPipe::Closed => return,
+                ProgressPipe::Idle => {
+                    let (queue, rx) = mpsc::channel(PROGRESS_QUEUE);
+                    let sender = tokio::spawn(
+                        send_progress(
+                            std::sync::Arc::clone(self.inner.lj.bus()),
+                            self.inner.job_id,
+                            self.inner.start_announced.clone(),
+                            rx,
+                        )
+                        .instrument(tracing::Span::current()),
+                    );
+                    *pipe = ProgressPipe::Open {
+                        queue: queue.clone(),
+                        sender,
+                    };
+                    queue
+                }
+            }
+        };
+        // Fails only if the sending task is gone (its runtime shutting down): nothing to do.
+        let _ = queue.send(EventPayload::Progress { progress }).await;
+    }
+
+    /// Sends the queued progress events, and stops queueing more: the attempt's outcome
+    /// follows them.
+    pub(crate) async fn close_progress(&self) {
+        let pipe = std::mem::replace(
+            &mut *lock(&self.inner.progress_events),
+            ProgressPipe::Closed,
+        );
+        if let ProgressPipe::Open { queue, sender } = pipe {
+            drop(queue);
+            if let Err(e) = sender.await {
+                tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress events task failed");
+            }
         }
     }
 

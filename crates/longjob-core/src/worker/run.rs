@@ -172,6 +172,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         flush_interval: shared.config.store_flush_interval,
         started,
         start_announced: tokio_util::sync::CancellationToken::new(),
+        progress_events: Mutex::new(super::context::ProgressPipe::Idle),
         state: Mutex::new(Tracked {
             items: job.items.clone(),
             progress: job.progress,
@@ -206,6 +207,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
     if matches!(outcome, Outcome::Done(_)) {
         ctx.publish_unsent_progress().await;
     }
+    ctx.close_progress().await;
     // A handler that returned after being stopped is treated as stopped.
     let outcome = match (outcome, ctx.stop_reason()) {
         (Outcome::Done(_), Some(reason)) => Outcome::Stopped(reason),
