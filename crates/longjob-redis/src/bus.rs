@@ -28,20 +28,24 @@ use crate::hub::{Live, Membership};
 use crate::{BACKEND, Redis, millis};
 
 /// The serialized event starts with this (`seq` is the first field of [`JobEvent`]); the script
-/// replaces it with the real sequence number.
+/// gets the rest, from the comma on, and puts the real sequence number in front.
 const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
 
 /// Events read per `XRANGE` page.
 const PAGE: usize = 500;
 
 /// Publishes many events. ARGV: base, max length, then per event 3 values: job id, event JSON
-/// (starting with the placeholder), expiry ms (0: leave as is; -1: keep for good, for a job
-/// queued again, whose keys may be expiring after an earlier end). Returns each event's seq.
+/// without its `{"seq":0` start (so from the comma on), expiry ms (0: leave as is; -1: keep for
+/// good, for a job queued again, whose keys may be expiring after an earlier end). Returns each
+/// event's seq.
 ///
 /// The job's stream numbers its events: `XADD` with id `0-*` gives the entry the next sequence
 /// number (`0-1`, `0-2`, …, kept by Redis across trims), and the entry holds the event without
 /// its seq. Streams written by earlier versions (ids `<seq>-0`, with a counter key
 /// `ev:<id>:seq`) refuse `0-*`; their jobs keep the counter scheme.
+///
+/// Seqs stay strings on the common path (Lua numbers are floats: formatting one into the
+/// published message costs a `printf`), and the body is used as sent, not cut out of the JSON.
 static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r#"
@@ -49,7 +53,8 @@ local base, maxlen = ARGV[1], ARGV[2]
 local out = {}
 for i = 3, #ARGV, 3 do
   local key = base .. 'ev:' .. ARGV[i]
-  local body = string.sub(ARGV[i + 1], 9)
+  local body = ARGV[i + 1]
+  local expiry = ARGV[i + 2]
   local seq
   local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '0-*', 'e', body)
   if type(added) == 'table' and added.err then
@@ -63,18 +68,20 @@ for i = 3, #ARGV, 3 do
       redis.call('SET', seqkey, seq)
       redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{"seq":' .. seq .. body)
     end
-    if tonumber(ARGV[i + 2]) > 0 then redis.call('PEXPIRE', seqkey, ARGV[i + 2]) end
-    if tonumber(ARGV[i + 2]) < 0 then redis.call('PERSIST', seqkey) end
+    if expiry ~= '0' then
+      if tonumber(expiry) > 0 then redis.call('PEXPIRE', seqkey, expiry) else redis.call('PERSIST', seqkey) end
+    end
   else
-    seq = tonumber(string.match(added, '^0%-(%d+)$'))
+    seq = string.sub(added, 3)
   end
   redis.call('PUBLISH', key .. ':live', '{"seq":' .. seq .. body)
-  local expiry = tonumber(ARGV[i + 2])
-  if expiry > 0 then
-    redis.call('PEXPIRE', key, expiry)
-  elseif expiry < 0 and redis.call('PTTL', key) >= 0 then
-    -- A manual retry after the job finished: keep its events again.
-    redis.call('PERSIST', key)
+  if expiry ~= '0' then
+    if tonumber(expiry) > 0 then
+      redis.call('PEXPIRE', key, expiry)
+    elseif redis.call('PTTL', key) >= 0 then
+      -- A manual retry after the job finished: keep its events again.
+      redis.call('PERSIST', key)
+    end
   end
   out[#out + 1] = seq
 end
@@ -277,7 +284,8 @@ async fn publish_many(
         } else {
             0
         };
-        inv.arg(event.job_id.to_string()).arg(json).arg(expiry);
+        let body = &json[SEQ_PLACEHOLDER.len() - 1..];
+        inv.arg(event.job_id.to_string()).arg(body).arg(expiry);
     }
     let seqs: Vec<u64> = redis
         .shared
@@ -305,6 +313,29 @@ impl ProgressBus for RedisProgressBus {
             payload,
         };
         self.publishes.call(event).await
+    }
+
+    async fn publish_many(
+        &self,
+        job: JobId,
+        payloads: Vec<EventPayload>,
+    ) -> BackendResult<Vec<JobEvent>> {
+        let at = Utc::now();
+        let events = payloads
+            .into_iter()
+            .map(|payload| JobEvent {
+                seq: 0,
+                job_id: job,
+                at,
+                payload,
+            })
+            .collect();
+        // One group: one script call numbers them in order.
+        self.publishes
+            .call_many(events)
+            .await?
+            .into_iter()
+            .collect()
     }
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
