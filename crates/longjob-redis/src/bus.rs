@@ -1,14 +1,20 @@
-//! [`RedisProgressBus`]: per-job capped streams for replay, pub/sub for live delivery.
+//! [`RedisProgressBus`]: a list of events per job for replay, pub/sub for live delivery.
 //!
 //! Keys (all under the prefix's hash tag):
-//! - `ev:<id>`: a stream capped at about [`RedisConfig::event_retention`](crate::RedisConfig)
-//!   entries, whose entry ids are `0-<seq>`: `XADD … 0-*` numbers a job's events (Redis keeps the
-//!   last number across trims), and `XRANGE` after a seq is direct. Streams of earlier versions
-//!   have ids `<seq>-0` and a counter key `ev:<id>:seq`; they keep that scheme;
+//! - `evl:<id>`: the job's events, a list: its first element is the number of events trimmed
+//!   from its front (`0` until the list passes twice
+//!   [`RedisConfig::event_retention`](crate::RedisConfig), at least 64), then one element per
+//!   event, its JSON without `seq`, which the position gives: the element at index `i` has seq
+//!   `trimmed + i`. `RPUSHX`'s answer numbers a new event; the first element is read only for a
+//!   list of more than 64 events, since a trimmed list always holds more.
+//! - `ev:<id>`: the stream that held a job's events before the list (a one-entry stream takes
+//!   4.7 KB, since Redis allocates a stream node of 4 KB up front, against about 200 bytes for a
+//!   list); a job whose events are already in one keeps it: ids `0-<seq>` (`XADD … 0-*`), or
+//!   `<seq>-0` with a counter key `ev:<id>:seq` in the oldest scheme;
 //! - channel `ev:<id>:live`: each event as published, for subscribers in every process;
 //! - channel `cancel`: cancel requests.
 //!
-//! After a job's terminal event, its event stream expires with the finished-job retention.
+//! After a job's terminal event, its events expire with the finished-job retention.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, LazyLock};
@@ -34,47 +40,75 @@ const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
 /// Events read per `XRANGE` page.
 const PAGE: usize = 500;
 
-/// Publishes many events. ARGV: base, max length, then per event 3 values: job id, event JSON
-/// without its `{"seq":0` start (so from the comma on), expiry ms (0: leave as is; -1: keep for
-/// good, for a job queued again, whose keys may be expiring after an earlier end). Returns each
+/// A list never trimmed holds at most this many events, and a trimmed one always more: the
+/// trimmed count is read only past it. Never raise it: lists trimmed under a smaller floor
+/// would pass for untrimmed ones.
+const LIST_FLOOR: usize = 64;
+
+/// Publishes many events. ARGV: base, events kept after a trim (at least [`LIST_FLOOR`]), the
+/// stream cap for jobs still on a stream, then per event 3 values: job id, event JSON without
+/// its `{"seq":0` start (so from the comma on), expiry ms (0: leave as is; -1: keep for good,
+/// for a job queued again, whose keys may be expiring after an earlier end). Returns each
 /// event's seq.
 ///
-/// The job's stream numbers its events: `XADD` with id `0-*` gives the entry the next sequence
-/// number (`0-1`, `0-2`, …, kept by Redis across trims), and the entry holds the event without
-/// its seq. Streams written by earlier versions (ids `<seq>-0`, with a counter key
-/// `ev:<id>:seq`) refuse `0-*`; their jobs keep the counter scheme.
+/// A list of more than twice the kept count is trimmed to one more than it (so a trimmed list
+/// holds more than the floor), its first element moved on by as many. A job whose events are in
+/// a stream of an earlier version (a key the list's first push finds) keeps the stream: `XADD`
+/// with id `0-*` numbers its entries, or, for the oldest streams (ids `<seq>-0`, refusing
+/// `0-*`), the counter key.
 ///
-/// Seqs stay strings on the common path (Lua numbers are floats: formatting one into the
-/// published message costs a `printf`), and the body is used as sent, not cut out of the JSON.
+/// The body is used as sent, not cut out of the JSON, and a stream's seq stays the string
+/// `XADD` returned.
 static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r#"
-local base, maxlen = ARGV[1], ARGV[2]
-local out = {}
-for i = 3, #ARGV, 3 do
-  local key = base .. 'ev:' .. ARGV[i]
-  local body = ARGV[i + 1]
-  local expiry = ARGV[i + 2]
-  local seq
-  local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '0-*', 'e', body)
-  if type(added) == 'table' and added.err then
-    local seqkey = key .. ':seq'
-    seq = redis.call('INCR', seqkey)
-    local ok = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{"seq":' .. seq .. body)
-    if type(ok) == 'table' and ok.err then
-      -- The counter is behind the stream (it was lost): continue after the stream's last entry.
-      local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-      seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
-      redis.call('SET', seqkey, seq)
-      redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{"seq":' .. seq .. body)
-    end
-    if expiry ~= '0' then
-      if tonumber(expiry) > 0 then redis.call('PEXPIRE', seqkey, expiry) else redis.call('PERSIST', seqkey) end
-    end
-  else
-    seq = string.sub(added, 3)
+local base, keep, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local out = {{}}
+
+local function list_append(id, body)
+  local key = base .. 'evl:' .. id
+  local n = redis.call('RPUSHX', key, body)
+  if n == 0 then
+    if redis.call('EXISTS', base .. 'ev:' .. id) == 1 then return nil, nil end
+    redis.call('RPUSH', key, '0', body)
+    return 1, key
   end
-  redis.call('PUBLISH', key .. ':live', '{"seq":' .. seq .. body)
+  local held = n - 1
+  if held <= {LIST_FLOOR} then return held, key end
+  local trimmed = tonumber(redis.call('LINDEX', key, 0))
+  if held > 2 * keep then
+    redis.call('LPOP', key)
+    redis.call('LTRIM', key, -(keep + 1), -1)
+    redis.call('LPUSH', key, trimmed + held - keep - 1)
+  end
+  return trimmed + held, key
+end
+
+local function stream_append(id, body, expiry)
+  local key = base .. 'ev:' .. id
+  local added = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, '0-*', 'e', body)
+  if type(added) ~= 'table' or not added.err then return string.sub(added, 3), key end
+  local seqkey = key .. ':seq'
+  local seq = redis.call('INCR', seqkey)
+  local ok = redis.pcall('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{{"seq":' .. seq .. body)
+  if type(ok) == 'table' and ok.err then
+    -- The counter is behind the stream (it was lost): continue after the stream's last entry.
+    local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+    seq = tonumber(string.match(last[1][1], '^(%d+)')) + 1
+    redis.call('SET', seqkey, seq)
+    redis.call('XADD', key, 'MAXLEN', '~', maxlen, seq .. '-0', 'e', '{{"seq":' .. seq .. body)
+  end
+  if expiry ~= '0' then
+    if tonumber(expiry) > 0 then redis.call('PEXPIRE', seqkey, expiry) else redis.call('PERSIST', seqkey) end
+  end
+  return seq, key
+end
+
+for i = 4, #ARGV, 3 do
+  local id, body, expiry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local seq, key = list_append(id, body)
+  if not seq then seq, key = stream_append(id, body, expiry) end
+  redis.call('PUBLISH', base .. 'ev:' .. id .. ':live', '{{"seq":' .. seq .. body)
   if expiry ~= '0' then
     if tonumber(expiry) > 0 then
       redis.call('PEXPIRE', key, expiry)
@@ -86,8 +120,26 @@ for i = 3, #ARGV, 3 do
   out[#out + 1] = seq
 end
 return out
-"#,
-    )
+"#
+    ))
+});
+
+/// KEYS: the job's list. ARGV: after seq, most events. Returns nil when the job has no list,
+/// else the seq of the first event returned (as a string), then the events (JSON without seq).
+static LIST_RANGE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+local n = redis.call('LLEN', KEYS[1])
+if n == 0 then return false end
+local trimmed = 0
+if n - 1 > {LIST_FLOOR} then trimmed = tonumber(redis.call('LINDEX', KEYS[1], 0)) end
+local first = tonumber(ARGV[1]) - trimmed + 1
+if first < 1 then first = 1 end
+local out = redis.call('LRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1)
+table.insert(out, 1, tostring(trimmed + first))
+return out
+"
+    ))
 });
 
 /// Most events gathered into one script call.
@@ -142,8 +194,34 @@ impl RedisProgressBus {
         self.redis.shared.keys.key(&format!("ev:{job}{suffix}"))
     }
 
+    fn list_key(&self, job: JobId) -> String {
+        self.redis.shared.keys.key(&format!("evl:{job}"))
+    }
+
     /// Up to [`PAGE`] retained events after `after`, and whether the page was full.
     async fn fetch(&self, job: JobId, after: u64) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+        let key = self.list_key(job);
+        let listed: Option<Vec<String>> = self
+            .redis
+            .shared
+            .run(|mut c| {
+                let mut inv = LIST_RANGE.prepare_invoke();
+                inv.key(&key).arg(after).arg(PAGE);
+                async move { inv.invoke_async(&mut c).await }
+            })
+            .await?;
+        match listed {
+            Some(listed) => from_list(listed),
+            None => self.fetch_stream(job, after).await,
+        }
+    }
+
+    /// [`fetch`](Self::fetch) for a job whose events are in a stream of an earlier version.
+    async fn fetch_stream(
+        &self,
+        job: JobId,
+        after: u64,
+    ) -> BackendResult<(VecDeque<JobEvent>, bool)> {
         let mut entries = self
             .range(job, format!("0-{}", after.saturating_add(1)))
             .await?;
@@ -187,6 +265,24 @@ impl RedisProgressBus {
             })
             .await
     }
+}
+
+/// The events of a [`LIST_RANGE`] answer (the first one's seq, then the events without theirs),
+/// and whether the page was full.
+fn from_list(listed: Vec<String>) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+    let mut listed = listed.into_iter();
+    let first: u64 = listed
+        .next()
+        .and_then(|seq| seq.parse().ok())
+        .ok_or_else(|| BackendError::corrupt(BACKEND, "event list without a first seq"))?;
+    let mut events = VecDeque::with_capacity(listed.len());
+    for (seq, body) in (first..).zip(listed) {
+        let event = serde_json::from_str(&format!("{{\"seq\":{seq}{body}"))
+            .map_err(|e| BackendError::corrupt(BACKEND, format!("event {seq}: {e}")))?;
+        events.push_back(event);
+    }
+    let full = events.len() >= PAGE;
+    Ok((events, full))
 }
 
 /// One subscriber's state.
@@ -260,6 +356,7 @@ async fn publish_many(
     let config = &redis.shared.config;
     let mut inv = PUBLISH_MANY.prepare_invoke();
     inv.arg(redis.shared.keys.base())
+        .arg(config.event_retention.max(LIST_FLOOR))
         .arg(config.event_retention.max(1));
     for event in &events {
         let json = serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
@@ -389,7 +486,7 @@ impl ProgressBus for RedisProgressBus {
     }
 
     async fn purge(&self, job: JobId) -> BackendResult<()> {
-        let keys = [self.key(job, ":seq"), self.key(job, "")];
+        let keys = [self.list_key(job), self.key(job, ":seq"), self.key(job, "")];
         self.redis
             .shared
             .run(|mut c| async move {

@@ -67,7 +67,10 @@ pub struct RedisConfig {
     pub pool_size: u32,
     /// The deadline of each call, connection checkout included.
     pub call_timeout: Duration,
-    /// Events retained per job for replay (the stream's approximate `MAXLEN`).
+    /// Events retained per job for replay: a job keeps at least its last `event_retention`
+    /// events (and at least 64), at most about twice that (a job's list is trimmed when it
+    /// passes twice the count). Jobs whose events are in a stream of an earlier version keep it,
+    /// capped at about this many (`MAXLEN ~`).
     pub event_retention: usize,
     /// How long a finished job's keys (and its events) live after it finished.
     pub finished_retention: Duration,

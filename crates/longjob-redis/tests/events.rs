@@ -73,13 +73,62 @@ async fn a_stream_of_the_earlier_scheme_keeps_its_numbering() {
     redis.delete_namespace().await.unwrap();
 }
 
-/// Events are numbered by the stream itself: after the stream is trimmed to its cap, numbering
-/// goes on, and a replay after any retained seq is exact.
+/// A stream of the scheme before the lists (entry ids `0-<seq>`, numbered by `XADD … 0-*`)
+/// keeps numbering after its last event, and replays from any seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn numbering_goes_on_past_the_streams_cap() {
-    let redis = common::connect(common::fresh_config().event_retention(5)).await;
+async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
+    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
+    let redis = common::connect(common::fresh_config().prefix(&prefix)).await;
     let bus = redis.bus();
     let job = JobId::new();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let stream = format!("{{{prefix}}}:ev:{job}");
+    for _ in 1..=2u64 {
+        let event = JobEvent {
+            seq: 0,
+            job_id: job,
+            at: chrono::Utc::now(),
+            payload: status(JobState::Queued),
+        };
+        let json = serde_json::to_string(&event).unwrap();
+        let body = json.strip_prefix("{\"seq\":0").unwrap();
+        let _: String = redis::cmd("XADD")
+            .arg(&stream)
+            .arg("0-*")
+            .arg("e")
+            .arg(body)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    let published = bus.publish(job, status(JobState::Running)).await.unwrap();
+    assert_eq!(published.seq, 3);
+    assert_eq!(seqs(&bus, job, 0, 3).await, [1, 2, 3]);
+    assert_eq!(seqs(&bus, job, 1, 2).await, [2, 3]);
+    let list_exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{{{prefix}}}:evl:{job}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!list_exists, "the job's events stay in its stream");
+    redis.delete_namespace().await.unwrap();
+}
+
+/// Events are numbered by their place in the job's list: after the list is trimmed (past twice
+/// the retention, at least 64 kept), numbering goes on, a replay after any retained seq is
+/// exact, and a replay from the start begins at the oldest kept. The list stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbering_goes_on_past_the_lists_trim() {
+    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
+    let redis = common::connect(common::fresh_config().prefix(&prefix).event_retention(5)).await;
+    let bus = redis.bus();
+    let job = JobId::new();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let list = format!("{{{prefix}}}:evl:{job}");
+    let mut longest = 0;
     for expected in 1..=300u64 {
         let event = bus
             .publish(
@@ -91,8 +140,56 @@ async fn numbering_goes_on_past_the_streams_cap() {
             .await
             .unwrap();
         assert_eq!(event.seq, expected);
+        let len: usize = redis::cmd("LLEN")
+            .arg(&list)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        longest = longest.max(len);
     }
+    // The header, and at most twice the 64 events kept (a push past that trims at once).
+    assert_eq!(longest, 1 + 2 * 64, "trimmed once past 128 events held");
     assert_eq!(seqs(&bus, job, 298, 2).await, [299, 300]);
+    assert_eq!(seqs(&bus, job, 250, 3).await, [251, 252, 253]);
+    let oldest = seqs(&bus, job, 0, 1).await[0];
+    assert!(
+        (300 - 128..=300 - 64).contains(&oldest),
+        "replay from the start began at {oldest}"
+    );
+    redis.delete_namespace().await.unwrap();
+}
+
+/// A finished job's events take a few hundred bytes of Redis's memory, not the 4.7 KB a
+/// one-entry stream takes (Redis allocates a stream's first node at 4 KB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_events_take_little_memory() {
+    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
+    let redis = common::connect(common::fresh_config().prefix(&prefix)).await;
+    let bus = redis.bus();
+    let job = JobId::new();
+    for state in [JobState::Queued, JobState::Running] {
+        bus.publish(job, status(state)).await.unwrap();
+    }
+    bus.publish(
+        job,
+        EventPayload::Completed {
+            download_url: None,
+            expires_at: None,
+            size: None,
+        },
+    )
+    .await
+    .unwrap();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let bytes: u64 = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(format!("{{{prefix}}}:evl:{job}"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(bytes < 1024, "three events take {bytes} bytes");
+    assert_eq!(seqs(&bus, job, 0, 3).await, [1, 2, 3]);
     redis.delete_namespace().await.unwrap();
 }
 

@@ -141,24 +141,20 @@ async fn states(lj: &LongJob, ids: &[JobId]) -> HashMap<JobState, usize> {
     counts
 }
 
-/// The `completed` events of a job in its stream.
+/// The `completed` events of a job in its event list.
 async fn completed_events(url: &str, prefix: &str, id: JobId) -> usize {
     let client = redis::Client::open(url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let entries: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg(format!("{{{prefix}}}:ev:{id}"))
-        .arg("-")
-        .arg("+")
+    let entries: Vec<String> = redis::cmd("LRANGE")
+        .arg(format!("{{{prefix}}}:evl:{id}"))
+        .arg(1)
+        .arg(-1)
         .query_async(&mut conn)
         .await
         .unwrap();
     entries
         .iter()
-        .filter(|(_, fields)| {
-            fields
-                .get(1)
-                .is_some_and(|e| e.contains("\"type\":\"completed\""))
-        })
+        .filter(|e| e.contains("\"type\":\"completed\""))
         .count()
 }
 
