@@ -33,6 +33,11 @@ type Request<Req, Resp> = (Req, Reply<Resp>);
 type Inbox<Req, Resp> = Arc<tokio::sync::Mutex<mpsc::Receiver<Entry<Req, Resp>>>>;
 /// The inbox and the batch runner, kept until the first call starts the tasks.
 type Unstarted<Req, Resp> = (mpsc::Receiver<Entry<Req, Resp>>, Exec<Req, Resp>);
+type Exec<Req, Resp> = Arc<
+    dyn Fn(Vec<Req>) -> futures::future::BoxFuture<'static, BackendResult<Vec<BackendResult<Resp>>>>
+        + Send
+        + Sync,
+>;
 
 /// What the inbox holds: one request, or a group that must share a batch.
 enum Entry<Req, Resp> {
@@ -48,11 +53,6 @@ impl<Req, Resp> Entry<Req, Resp> {
         }
     }
 }
-type Exec<Req, Resp> = Arc<
-    dyn Fn(Vec<Req>) -> futures::future::BoxFuture<'static, BackendResult<Vec<BackendResult<Resp>>>>
-        + Send
-        + Sync,
->;
 
 /// Gathers concurrent requests into batches and runs each batch with one call of `exec`, with
 /// up to `in_flight` batches running at once.
@@ -195,7 +195,7 @@ async fn run<Req, Resp>(
     backend: &'static str,
 ) {
     loop {
-        let batch = {
+        let (batch, n) = {
             let mut rx = rx.lock().await;
             let Some(first) = rx.recv().await else {
                 return;
@@ -211,16 +211,24 @@ async fn run<Req, Resp>(
                     Err(_) => break,
                 }
             }
-            batch
+            (batch, size)
         };
-        let (reqs, replies): (Vec<Req>, Vec<Reply<Resp>>) = batch
-            .into_iter()
-            .flat_map(|entry| match entry {
-                Entry::One(request) => vec![request],
-                Entry::Group(requests) => requests,
-            })
-            .unzip();
-        let n = reqs.len();
+        let (mut reqs, mut replies): (Vec<Req>, Vec<Reply<Resp>>) =
+            (Vec::with_capacity(n), Vec::with_capacity(n));
+        for entry in batch {
+            match entry {
+                Entry::One((req, reply)) => {
+                    reqs.push(req);
+                    replies.push(reply);
+                }
+                Entry::Group(requests) => {
+                    for (req, reply) in requests {
+                        reqs.push(req);
+                        replies.push(reply);
+                    }
+                }
+            }
+        }
         match exec(reqs).await {
             Ok(results) if results.len() == n => {
                 for (reply, result) in replies.into_iter().zip(results) {

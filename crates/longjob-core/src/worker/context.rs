@@ -82,7 +82,7 @@ pub(crate) enum ProgressPipe {
 /// The task behind a [`ProgressPipe`]. It holds the bus, not the context, so a context
 /// dropped without [`JobContext::close_progress`] ends it by dropping the queue's sender.
 async fn send_progress(
-    bus: std::sync::Arc<dyn crate::ProgressBus>,
+    bus: Arc<dyn crate::ProgressBus>,
     job: JobId,
     start_announced: CancellationToken,
     mut queue: mpsc::Receiver<EventPayload>,
@@ -283,7 +283,7 @@ impl JobContext {
                     let (queue, rx) = mpsc::channel(PROGRESS_QUEUE);
                     let sender = tokio::spawn(
                         send_progress(
-                            std::sync::Arc::clone(self.inner.lj.bus()),
+                            Arc::clone(self.inner.lj.bus()),
                             self.inner.job_id,
                             self.inner.start_announced.clone(),
                             rx,
