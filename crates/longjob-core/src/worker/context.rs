@@ -1,14 +1,13 @@
 //! What a handler sees of its job: progress, items, blobs, cancellation, deadline.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::Utc;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 use crate::blob::BlobStore;
 use crate::memory::lock;
@@ -55,7 +54,7 @@ pub(crate) struct ContextInner {
     /// progress events wait for it, so they follow it whatever the bus.
     pub(crate) start_announced: CancellationToken,
     /// The progress events on their way to the bus.
-    pub(crate) progress_events: Mutex<ProgressPipe>,
+    pub(crate) progress_events: ProgressQueue,
     pub(crate) state: Mutex<Tracked>,
     /// Our latest stored copy of the job; also serializes our own writes.
     pub(crate) stored: tokio::sync::Mutex<Job>,
@@ -64,43 +63,25 @@ pub(crate) struct ContextInner {
 /// Most progress events queued for the bus per attempt: past it, a report waits for room.
 const PROGRESS_QUEUE: usize = 64;
 
-/// A handler's progress events go to the bus through a queue, so a report does not wait for a
-/// round trip: one task per attempt (started at its first event) sends whatever has queued up
-/// in one [`publish_many`](crate::ProgressBus::publish_many), in order, after the `processing`
-/// event. The attempt's outcome waits for the queue to drain ([`JobContext::close_progress`]).
-pub(crate) enum ProgressPipe {
-    /// No event yet.
-    Idle,
-    Open {
-        queue: mpsc::Sender<EventPayload>,
-        sender: JoinHandle<()>,
-    },
-    /// The attempt is concluding: later reports send no event.
-    Closed,
+/// A handler's progress events go to the bus through this queue, so a report does not wait
+/// for a round trip. [`JobContext::send_progress`], polled by the attempt's own task next to
+/// the handler (no task of its own: no spawn, no wake-up from another thread), sends whatever
+/// has queued up in one [`publish_many`](crate::ProgressBus::publish_many), in order, after the
+/// `processing` event, until the queue is closed and drained; the outcome follows.
+#[derive(Default)]
+pub(crate) struct ProgressQueue {
+    state: Mutex<QueueState>,
+    /// Wakes the sender: events queued, or the queue closed.
+    queued: Notify,
+    /// Wakes reporters waiting for room.
+    room: Notify,
 }
 
-/// The task behind a [`ProgressPipe`]. It holds the bus, not the context, so a context
-/// dropped without [`JobContext::close_progress`] ends it by dropping the queue's sender.
-async fn send_progress(
-    bus: Arc<dyn crate::ProgressBus>,
-    job: JobId,
-    start_announced: CancellationToken,
-    mut queue: mpsc::Receiver<EventPayload>,
-) {
-    start_announced.cancelled().await;
-    while let Some(first) = queue.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < PROGRESS_QUEUE {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        // Best effort: the store holds the progress too.
-        if let Err(e) = bus.publish_many(job, batch).await {
-            tracing::warn!(job_id = %job, error = %e, "progress events not published");
-        }
-    }
+#[derive(Default)]
+struct QueueState {
+    events: VecDeque<EventPayload>,
+    /// The attempt is concluding: later reports send no event.
+    closed: bool,
 }
 
 pub(crate) struct Tracked {
@@ -272,49 +253,72 @@ impl JobContext {
         self.publish_progress(progress).await;
     }
 
-    /// Queues a progress event (see [`ProgressPipe`]); waits only when the queue is full.
+    /// Queues a progress event (see [`ProgressQueue`]); waits only when the queue is full.
     async fn publish_progress(&self, progress: Progress) {
-        let queue = {
-            let mut pipe = lock(&self.inner.progress_events);
-            match &*pipe {
-                ProgressPipe::Open { queue, .. } => queue.clone(),
-                ProgressPipe::Closed => return,
-                ProgressPipe::Idle => {
-                    let (queue, rx) = mpsc::channel(PROGRESS_QUEUE);
-                    let sender = tokio::spawn(
-                        send_progress(
-                            Arc::clone(self.inner.lj.bus()),
-                            self.inner.job_id,
-                            self.inner.start_announced.clone(),
-                            rx,
-                        )
-                        .instrument(tracing::Span::current()),
-                    );
-                    *pipe = ProgressPipe::Open {
-                        queue: queue.clone(),
-                        sender,
-                    };
-                    queue
+        let queue = &self.inner.progress_events;
+        let mut event = Some(EventPayload::Progress { progress });
+        while let Some(payload) = event.take() {
+            // Registered before the check, so room made in between is not missed.
+            let room = queue.room.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut state = lock(&queue.state);
+                if state.closed {
+                    return;
                 }
+                if state.events.len() < PROGRESS_QUEUE {
+                    state.events.push_back(payload);
+                    queue.queued.notify_one();
+                    return;
+                }
+                event = Some(payload);
             }
-        };
-        // Fails only if the sending task is gone (its runtime shutting down): nothing to do.
-        let _ = queue.send(EventPayload::Progress { progress }).await;
+            room.await;
+        }
     }
 
-    /// Sends the queued progress events, and stops queueing more: the attempt's outcome
-    /// follows them.
-    pub(crate) async fn close_progress(&self) {
-        let pipe = std::mem::replace(
-            &mut *lock(&self.inner.progress_events),
-            ProgressPipe::Closed,
-        );
-        if let ProgressPipe::Open { queue, sender } = pipe {
-            drop(queue);
-            if let Err(e) = sender.await {
-                tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress events task failed");
+    /// Sends the queued progress events until the queue is closed and drained. The attempt's
+    /// task polls it alongside the handler.
+    pub(crate) async fn send_progress(&self) {
+        let queue = &self.inner.progress_events;
+        self.inner.start_announced.cancelled().await;
+        loop {
+            let queued = queue.queued.notified();
+            tokio::pin!(queued);
+            queued.as_mut().enable();
+            let (batch, closed): (Vec<EventPayload>, bool) = {
+                let mut state = lock(&queue.state);
+                (state.events.drain(..).collect(), state.closed)
+            };
+            if !batch.is_empty() {
+                queue.room.notify_waiters();
+                // Best effort: the store holds the progress too.
+                if let Err(e) = self
+                    .inner
+                    .lj
+                    .bus()
+                    .publish_many(self.inner.job_id, batch)
+                    .await
+                {
+                    tracing::warn!(job_id = %self.inner.job_id, error = %e, "progress events not published");
+                }
+                continue;
             }
+            if closed {
+                return;
+            }
+            queued.await;
         }
+    }
+
+    /// Stops queueing progress events: [`send_progress`](Self::send_progress) sends the
+    /// queued ones and returns.
+    pub(crate) fn close_progress(&self) {
+        let queue = &self.inner.progress_events;
+        lock(&queue.state).closed = true;
+        queue.queued.notify_one();
+        queue.room.notify_waiters();
     }
 
     /// Writes the tracked items and progress into `job`.

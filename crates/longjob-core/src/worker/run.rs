@@ -172,7 +172,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         flush_interval: shared.config.store_flush_interval,
         started,
         start_announced: tokio_util::sync::CancellationToken::new(),
-        progress_events: Mutex::new(super::context::ProgressPipe::Idle),
+        progress_events: super::context::ProgressQueue::default(),
         state: Mutex::new(Tracked {
             items: job.items.clone(),
             progress: job.progress,
@@ -195,6 +195,11 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
             },
             () = ctx.cancellation().cancelled() => Outcome::Stopped(ctx.stop_reason().unwrap_or(StopReason::Cancelled)),
         };
+        if matches!(outcome, Outcome::Done(_)) {
+            ctx.publish_unsent_progress().await;
+        }
+        // The outcome follows the progress events queued until now.
+        ctx.close_progress();
         // The slot is free once the handler is, even before its `processing` event is out.
         slot.handler_done().await;
         outcome
@@ -203,11 +208,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         let _ = lj.bus().publish(job.id, start_payload).await;
         ctx.inner().start_announced.cancel();
     };
-    let ((), outcome) = tokio::join!(start_event, run);
-    if matches!(outcome, Outcome::Done(_)) {
-        ctx.publish_unsent_progress().await;
-    }
-    ctx.close_progress().await;
+    let ((), outcome, ()) = tokio::join!(start_event, run, ctx.send_progress());
     // A handler that returned after being stopped is treated as stopped.
     let outcome = match (outcome, ctx.stop_reason()) {
         (Outcome::Done(_), Some(reason)) => Outcome::Stopped(reason),
