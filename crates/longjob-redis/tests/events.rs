@@ -32,16 +32,29 @@ async fn seqs(bus: &impl ProgressBus, job: JobId, after: u64, n: usize) -> Vec<u
     seen
 }
 
+/// A Redis handle under a fresh prefix (returned, for key names) with `config`'s other
+/// settings, and a plain connection to look at its keys.
+async fn under_fresh_prefix(
+    config: longjob_redis::RedisConfig,
+) -> (
+    String,
+    longjob_redis::Redis,
+    redis::aio::MultiplexedConnection,
+) {
+    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
+    let redis = common::connect(config.prefix(&prefix)).await;
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (prefix, redis, conn)
+}
+
 /// A stream written by an earlier version (entry ids `<seq>-0`, a counter key) keeps numbering
 /// after its last event, and replays from any seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_the_earlier_scheme_keeps_its_numbering() {
-    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
-    let redis = common::connect(common::fresh_config().prefix(&prefix)).await;
+    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let stream = format!("{{{prefix}}}:ev:{job}");
     for seq in 1..=2u64 {
         let event = JobEvent {
@@ -77,12 +90,9 @@ async fn a_stream_of_the_earlier_scheme_keeps_its_numbering() {
 /// keeps numbering after its last event, and replays from any seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
-    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
-    let redis = common::connect(common::fresh_config().prefix(&prefix)).await;
+    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let stream = format!("{{{prefix}}}:ev:{job}");
     for _ in 1..=2u64 {
         let event = JobEvent {
@@ -121,12 +131,10 @@ async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
 /// exact, and a replay from the start begins at the oldest kept. The list stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbering_goes_on_past_the_lists_trim() {
-    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
-    let redis = common::connect(common::fresh_config().prefix(&prefix).event_retention(5)).await;
+    let (prefix, redis, mut conn) =
+        under_fresh_prefix(common::fresh_config().event_retention(5)).await;
     let bus = redis.bus();
     let job = JobId::new();
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let list = format!("{{{prefix}}}:evl:{job}");
     let mut longest = 0;
     for expected in 1..=300u64 {
@@ -163,8 +171,7 @@ async fn numbering_goes_on_past_the_lists_trim() {
 /// one-entry stream takes (Redis allocates a stream's first node at 4 KB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jobs_events_take_little_memory() {
-    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
-    let redis = common::connect(common::fresh_config().prefix(&prefix)).await;
+    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     for state in [JobState::Queued, JobState::Running] {
@@ -180,8 +187,6 @@ async fn a_jobs_events_take_little_memory() {
     )
     .await
     .unwrap();
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let bytes: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg(format!("{{{prefix}}}:evl:{job}"))
