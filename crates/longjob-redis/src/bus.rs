@@ -148,8 +148,8 @@ const PUBLISH_BATCH: usize = 64;
 /// A [`ProgressBus`] on Redis. Build it with [`Redis::bus`] or [`RedisProgressBus::connect`].
 ///
 /// However many subscribers a process has, live events reach them through the one subscriber
-/// connection of its [`Redis`] handle; each subscriber replays from the job's stream, and
-/// repairs gaps (after a reconnection, or when it lags) from the stream too.
+/// connection of its [`Redis`] handle; each subscriber replays the job's retained events, and
+/// repairs gaps (after a reconnection, or when it lags) from them too.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), longjob_core::BackendError> {
@@ -291,7 +291,7 @@ struct Subscription {
     job: JobId,
     last: u64,
     replay: VecDeque<JobEvent>,
-    /// Retained events after `last` may exist that are not in `replay`: read the stream.
+    /// Retained events after `last` may exist that are not in `replay`: read them.
     more: bool,
     live: broadcast::Receiver<Live>,
     _membership: Membership,
@@ -324,7 +324,7 @@ impl Subscription {
                     return Some(Ok(event));
                 }
                 Ok(Live::Event(event)) => {
-                    // A gap: fill it from the stream; if the stream lost it too, skip it.
+                    // A gap: fill it from the retained events; if they lost it too, skip it.
                     match self.bus.fetch(self.job, self.last).await {
                         Ok((mut events, full)) => {
                             if events.front().is_none_or(|e| e.seq > event.seq) {
@@ -436,7 +436,7 @@ impl ProgressBus for RedisProgressBus {
     }
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
-        // Join the live channel first, then read the stream: nothing falls in between.
+        // Join the live channel first, then read the retained events: nothing falls in between.
         let (live, membership) = self.redis.shared.hub.join(&self.key(job, ":live")).await?;
         let subscription = Subscription {
             bus: self.clone(),

@@ -5,7 +5,7 @@
 //! ([`Dispatch::wake`]), the cancel signals, and one broadcast channel per job that has local
 //! subscribers. A job's channel is subscribed in Redis while it has at least one local
 //! subscriber. When the connection drops, a supervisor reconnects with backoff, subscribes again
-//! to everything, and tells every job subscriber to resynchronise from the job's stream.
+//! to everything, and tells every job subscriber to resynchronise from the job's retained events.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +20,7 @@ use tokio::sync::{Notify, broadcast};
 use crate::{BACKEND, Keys, RedisConfig, map_err};
 
 /// Live events buffered per job before a slow subscriber counts as lagging (it then refills
-/// from the job's stream).
+/// from the job's retained events).
 const LIVE_BUFFER: usize = 1024;
 
 /// What a job subscriber receives.
@@ -28,7 +28,7 @@ const LIVE_BUFFER: usize = 1024;
 pub(crate) enum Live {
     /// A live event.
     Event(JobEvent),
-    /// Messages may have been lost (reconnection): read the stream again.
+    /// Messages may have been lost (reconnection): read the retained events again.
     Resync,
 }
 

@@ -14,10 +14,10 @@
 //!   fanned out in-process; it falls back to sleeping until the next due job or lease expiry.
 //! - **Store**: a job is a hash holding its JSON, its version and its fencing token; `update` is
 //!   a Lua compare-and-set. Finished jobs' keys expire after [`RedisConfig::finished_retention`].
-//! - **Bus**: per job, a sequence counter and a capped stream (`XADD MAXLEN ~`), written with the
-//!   live `PUBLISH` in one script; subscribers replay the stream after their `seq` and then take
-//!   live events from one shared subscriber connection per process, repairing gaps from the
-//!   stream.
+//! - **Bus**: per job, a list of its events (the position numbers them; trimmed past twice
+//!   [`RedisConfig::event_retention`]), written with the live `PUBLISH` in one script;
+//!   subscribers replay the list after their `seq` and then take live events from one shared
+//!   subscriber connection per process, repairing gaps from the list.
 //!
 //! The three share one [`Redis`] handle (one pool and one subscriber connection):
 //!
