@@ -7,7 +7,8 @@
 # replaces the matching section of docs/benchmarks.md (between `<!-- bench:ID -->` and
 # `<!-- /bench:ID -->`; a missing section is appended) with the command, the date, the machine's
 # load and the harness output (longjob's JSON line and the Markdown table). Servers: REDIS_URL and
-# DATABASE_URL (loopback defaults); scripts/services/*.sh are run first when present.
+# DATABASE_URL (loopback defaults); scripts/services/B.sh is run first for each backend B (the
+# harness needs no object store, so the S3 server is neither installed nor started).
 # PEER_TIMEOUT (seconds, default 900) bounds each peer run; a peer past it is reported as failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,20 @@ peer_timeout="${PEER_TIMEOUT:-900}"
 export REDIS_URL="${REDIS_URL:-redis://127.0.0.1:6379}"
 export DATABASE_URL="${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}"
 
-for service in scripts/services/*.sh; do
+for backend in "${backends[@]}"; do
+  case "$backend" in
+    redis | postgres) ;;
+    *)
+      echo "unknown backend $backend: redis or postgres" >&2
+      exit 2
+      ;;
+  esac
+done
+
+for backend in "${backends[@]}"; do
+  service="scripts/services/$backend.sh"
   [ -e "$service" ] || continue
-  echo "== $(basename "$service" .sh)" >&2
+  echo "== $backend" >&2
   bash "$service" >&2
 done
 
@@ -124,10 +136,6 @@ for backend in "${backends[@]}"; do
       run postgres-20000-p0 "PostgreSQL, N = 20 000, C = 50, P = 0" --backend postgres --jobs 20000 --concurrency 50 --progress 0
       run postgres-200000-p0 "PostgreSQL, N = 200 000, C = 50, P = 0" --backend postgres --jobs 200000 --concurrency 50 --progress 0
       cliff postgres-cliff postgres-20000-p0 postgres-200000-p0
-      ;;
-    *)
-      echo "unknown backend $backend: redis or postgres" >&2
-      exit 2
       ;;
   esac
 done
