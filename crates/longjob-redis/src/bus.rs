@@ -125,7 +125,8 @@ return out
 });
 
 /// KEYS: the job's list. ARGV: after seq, most events. Returns nil when the job has no list,
-/// else the seq of the first event returned (as a string), then the events (JSON without seq).
+/// else the seq of the first event returned (as a string), then the events (JSON without seq);
+/// just `'0'` when no event follows that seq.
 static LIST_RANGE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
@@ -134,6 +135,8 @@ if n == 0 then return false end
 local trimmed = 0
 if n - 1 > {LIST_FLOOR} then trimmed = tonumber(redis.call('LINDEX', KEYS[1], 0)) end
 local first = tonumber(ARGV[1]) - trimmed + 1
+-- Past the end (any seq a client asks after): nothing, and no index too large for LRANGE.
+if first >= n then return {{'0'}} end
 if first < 1 then first = 1 end
 local out = redis.call('LRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1)
 table.insert(out, 1, tostring(trimmed + first))
@@ -270,6 +273,10 @@ impl RedisProgressBus {
 /// The events of a [`LIST_RANGE`] answer (the first one's seq, then the events without theirs),
 /// and whether the page was full.
 fn from_list(listed: Vec<String>) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+    if listed.len() <= 1 {
+        // Nothing after the seq asked for (the script then gives no first seq to read).
+        return Ok((VecDeque::new(), false));
+    }
     let mut listed = listed.into_iter();
     let first: u64 = listed
         .next()
