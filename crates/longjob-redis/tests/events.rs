@@ -167,23 +167,6 @@ async fn numbering_goes_on_past_the_lists_trim() {
     redis.delete_namespace().await.unwrap();
 }
 
-/// A replay after a seq past every event (any `lastEventId` a client sends) finds nothing and
-/// fails nothing, then delivers the live events after it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_after_a_seq_past_the_last_event_is_empty() {
-    let redis = common::connect(common::fresh_config()).await;
-    let bus = redis.bus();
-    let job = JobId::new();
-    bus.publish(job, status(JobState::Queued)).await.unwrap();
-    for after in [1, 1 << 60, u64::MAX] {
-        let mut events = bus.subscribe(job, after).await.unwrap();
-        let next = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
-        assert!(next.is_err(), "after {after}: {next:?}");
-    }
-    assert_eq!(seqs(&bus, job, 0, 1).await, [1]);
-    redis.delete_namespace().await.unwrap();
-}
-
 /// A finished job's events take a few hundred bytes of Redis's memory, not the 4.7 KB a
 /// one-entry stream takes (Redis allocates a stream's first node at 4 KB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

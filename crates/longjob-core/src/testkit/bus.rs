@@ -17,6 +17,7 @@ macro_rules! bus_conformance {
         $crate::__conformance_cases!(bus, $make;
             publish_numbers_events_from_one,
             subscribe_replays_after_seq_then_streams_live,
+            a_replay_after_any_seq_past_the_last_is_empty,
             replay_to_live_switch_has_no_gap_and_no_duplicate,
             concurrent_publishers_get_distinct_seqs,
             publish_many_keeps_the_order_among_concurrent_publishes,
@@ -120,6 +121,18 @@ pub async fn replay_to_live_switch_has_no_gap_and_no_duplicate(bus: &impl Progre
         tokio::join!(publisher, futures::future::join_all(subscribers))
     })
     .await;
+}
+
+/// A subscription after a seq past the job's last event (a client's `lastEventId` can be any
+/// number) replays nothing and fails nothing.
+pub async fn a_replay_after_any_seq_past_the_last_is_empty(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    bus.publish(job, progress(1)).await.unwrap();
+    for after in [1, 1 << 60, u64::MAX] {
+        let mut stream = bus.subscribe(job, after).await.unwrap();
+        let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+        assert!(next.is_err(), "after {after}: {next:?}");
+    }
 }
 
 /// Two publishers of the same job (as two processes would be) get distinct, gapless seqs.
