@@ -37,7 +37,7 @@ use crate::{BACKEND, Redis, millis};
 /// gets the rest, from the comma on, and puts the real sequence number in front.
 const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
 
-/// Events read per `XRANGE` page.
+/// Events read per page of a job's list (or old stream).
 const PAGE: usize = 500;
 
 /// A list never trimmed holds at most this many events, and a trimmed one always more: the

@@ -32,8 +32,8 @@ async fn seqs(bus: &impl ProgressBus, job: JobId, after: u64, n: usize) -> Vec<u
     seen
 }
 
-/// A Redis handle under a fresh prefix (returned, for key names) with `config`'s other
-/// settings, and a plain connection to look at its keys.
+/// A Redis handle on `config` (a fresh prefix from `common::fresh_config`), its prefix (for
+/// key names), and a plain connection to look at its keys.
 async fn under_fresh_prefix(
     config: longjob_redis::RedisConfig,
 ) -> (
@@ -41,8 +41,8 @@ async fn under_fresh_prefix(
     longjob_redis::Redis,
     redis::aio::MultiplexedConnection,
 ) {
-    let prefix = format!("lj-test-{}", uuid::Uuid::now_v7().simple());
-    let redis = common::connect(config.prefix(&prefix)).await;
+    let prefix = config.prefix.clone();
+    let redis = common::connect(config).await;
     let client = redis::Client::open(common::redis_url()).unwrap();
     let conn = client.get_multiplexed_async_connection().await.unwrap();
     (prefix, redis, conn)
@@ -177,16 +177,7 @@ async fn a_jobs_events_take_little_memory() {
     for state in [JobState::Queued, JobState::Running] {
         bus.publish(job, status(state)).await.unwrap();
     }
-    bus.publish(
-        job,
-        EventPayload::Completed {
-            download_url: None,
-            expires_at: None,
-            size: None,
-        },
-    )
-    .await
-    .unwrap();
+    bus.publish(job, common::completed()).await.unwrap();
     let bytes: u64 = redis::cmd("MEMORY")
         .arg("USAGE")
         .arg(format!("{{{prefix}}}:evl:{job}"))

@@ -44,16 +44,7 @@ async fn finished_jobs_and_their_events_expire() {
     let mut done = store.update(&done).await.unwrap();
     done.complete(None, Utc::now()).unwrap();
     store.update(&done).await.unwrap();
-    bus.publish(
-        done.id,
-        EventPayload::Completed {
-            download_url: None,
-            expires_at: None,
-            size: None,
-        },
-    )
-    .await
-    .unwrap();
+    bus.publish(done.id, common::completed()).await.unwrap();
     assert_eq!(
         store
             .count_by_owner("alice", Utc::now() - chrono::Duration::hours(1))

@@ -256,8 +256,8 @@ impl JobContext {
     /// Queues a progress event (see [`ProgressQueue`]); waits only when the queue is full.
     async fn publish_progress(&self, progress: Progress) {
         let queue = &self.inner.progress_events;
-        let mut event = Some(EventPayload::Progress { progress });
-        while let Some(payload) = event.take() {
+        let payload = EventPayload::Progress { progress };
+        loop {
             // Registered before the check, so room made in between is not missed.
             let room = queue.room.notified();
             tokio::pin!(room);
@@ -272,7 +272,6 @@ impl JobContext {
                     queue.queued.notify_one();
                     return;
                 }
-                event = Some(payload);
             }
             room.await;
         }

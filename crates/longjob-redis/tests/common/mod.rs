@@ -15,6 +15,15 @@ pub fn fresh_config() -> RedisConfig {
         .client_name("longjob-test")
 }
 
+/// A `completed` event without a result.
+pub fn completed() -> longjob_core::EventPayload {
+    longjob_core::EventPayload::Completed {
+        download_url: None,
+        expires_at: None,
+        size: None,
+    }
+}
+
 /// A connection in a fresh namespace; fails the test with a clear message without Redis.
 pub async fn fresh() -> Redis {
     connect(fresh_config()).await
