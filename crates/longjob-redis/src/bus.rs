@@ -11,7 +11,9 @@
 //!   4.7 KB, since Redis allocates a stream node of 4 KB up front, against about 200 bytes for a
 //!   list); a job whose events are already in one keeps it: ids `0-<seq>` (`XADD … 0-*`), or
 //!   `<seq>-0` with a counter key `ev:<id>:seq` in the oldest scheme;
-//! - channel `ev:<id>:live`: each event as published, for subscribers in every process;
+//! - channel `ev:<id>:live`: the events as published, for subscribers in every process: one
+//!   event's JSON, or, for several events of the job published together, the first one's seq,
+//!   then each event's JSON without its seq, one per line;
 //! - channel `cancel`: cancel requests.
 //!
 //! After a job's terminal event, its events expire with the finished-job retention.
@@ -46,10 +48,15 @@ const PAGE: usize = 500;
 const LIST_FLOOR: usize = 64;
 
 /// Publishes many events. ARGV: base, events kept after a trim (at least [`LIST_FLOOR`]), the
-/// stream cap for jobs still on a stream, then per event 3 values: job id, event JSON without
-/// its `{"seq":0` start (so from the comma on), expiry ms (0: leave as is; -1: keep for good,
-/// for a job queued again, whose keys may be expiring after an earlier end). Returns each
-/// event's seq.
+/// stream cap for jobs still on a stream, then runs of consecutive events of one job, each as:
+/// job id, expiry ms of its last event (0: leave as is; -1: keep for good, for a job queued
+/// again, whose keys may be expiring after an earlier end; the events before it all leave the
+/// expiry as is), its number of events, then each event's JSON without its `{"seq":0` start (so
+/// from the comma on). Returns each event's seq.
+///
+/// A run takes one `RPUSHX` and one `PUBLISH` however many events it holds (Lua's cost is per
+/// call): a run of one event is published as the event's JSON, a longer one as
+/// `<first seq>\n<body>\n<body>…` (see [`crate::hub`]).
 ///
 /// A list of more than twice the kept count is trimmed to one more than it (so a trimmed list
 /// holds more than the floor), its first element moved on by as many. A job whose events are in
@@ -57,7 +64,7 @@ const LIST_FLOOR: usize = 64;
 /// with id `0-*` numbers its entries, or, for the oldest streams (ids `<seq>-0`, refusing
 /// `0-*`), the counter key.
 ///
-/// The body is used as sent, not cut out of the JSON, and a stream's seq stays the string
+/// The bodies are used as sent, not cut out of the JSON, and a stream's seq stays the string
 /// `XADD` returned.
 static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
@@ -65,23 +72,25 @@ static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
 local base, keep, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {{}}
 
-local function list_append(id, body)
+-- Appends ARGV[first..last] to the job's list; returns the first one's seq and the key.
+local function list_append(id, first, last)
   local key = base .. 'evl:' .. id
-  local n = redis.call('RPUSHX', key, body)
+  local n = redis.call('RPUSHX', key, unpack(ARGV, first, last))
   if n == 0 then
     if redis.call('EXISTS', base .. 'ev:' .. id) == 1 then return nil, nil end
-    redis.call('RPUSH', key, '0', body)
+    redis.call('RPUSH', key, '0', unpack(ARGV, first, last))
     return 1, key
   end
   local held = n - 1
-  if held <= {LIST_FLOOR} then return held, key end
+  local seq = held - (last - first)
+  if held <= {LIST_FLOOR} then return seq, key end
   local trimmed = tonumber(redis.call('LINDEX', key, 0))
   if held > 2 * keep then
     redis.call('LPOP', key)
     redis.call('LTRIM', key, -(keep + 1), -1)
     redis.call('LPUSH', key, trimmed + held - keep - 1)
   end
-  return trimmed + held, key
+  return trimmed + seq, key
 end
 
 local function stream_append(id, body, expiry)
@@ -104,11 +113,32 @@ local function stream_append(id, body, expiry)
   return seq, key
 end
 
-for i = 4, #ARGV, 3 do
-  local id, body, expiry = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  local seq, key = list_append(id, body)
-  if not seq then seq, key = stream_append(id, body, expiry) end
-  redis.call('PUBLISH', base .. 'ev:' .. id .. ':live', '{{"seq":' .. seq .. body)
+local i = 4
+while i <= #ARGV do
+  local id, expiry = ARGV[i], ARGV[i + 1]
+  local first = i + 3
+  local last = i + 2 + tonumber(ARGV[i + 2])
+  local channel = base .. 'ev:' .. id .. ':live'
+  local seq, key = list_append(id, first, last)
+  if seq then
+    if first == last then
+      redis.call('PUBLISH', channel, '{{"seq":' .. seq .. ARGV[first])
+    else
+      -- The run's length, read already, gives way to its first seq: one concatenation, so
+      -- the message is built (and hashed, as Lua does every string) once.
+      ARGV[first - 1] = seq
+      redis.call('PUBLISH', channel, table.concat(ARGV, '\n', first - 1, last))
+    end
+    for j = first, last do out[#out + 1] = seq + j - first end
+  else
+    for j = first, last do
+      local exp = '0'
+      if j == last then exp = expiry end
+      seq, key = stream_append(id, ARGV[j], exp)
+      redis.call('PUBLISH', channel, '{{"seq":' .. seq .. ARGV[j])
+      out[#out + 1] = seq
+    end
+  end
   if expiry ~= '0' then
     if tonumber(expiry) > 0 then
       redis.call('PEXPIRE', key, expiry)
@@ -117,7 +147,7 @@ for i = 4, #ARGV, 3 do
       redis.call('PERSIST', key)
     end
   end
-  out[#out + 1] = seq
+  i = last + 1
 end
 return out
 "#
@@ -365,14 +395,19 @@ async fn publish_many(
     inv.arg(redis.shared.keys.base())
         .arg(config.event_retention.max(LIST_FLOOR))
         .arg(config.event_retention.max(1));
+    // Consecutive events of one job form a run, which ends with the first event that sets the
+    // expiry; a run's header (id, expiry, length) is written once its length is known.
+    let mut runs: Vec<(JobId, i64, Vec<String>)> = Vec::new();
     for event in &events {
-        let json = serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
-        if !json.starts_with(SEQ_PLACEHOLDER) {
+        let mut body =
+            serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
+        if !body.starts_with(SEQ_PLACEHOLDER) {
             return Err(BackendError::corrupt(
                 BACKEND,
                 "an event does not serialize with seq first",
             ));
         }
+        body.drain(..SEQ_PLACEHOLDER.len() - 1);
         let expiry = if event.is_terminal() {
             i64::try_from(millis(config.finished_retention))
                 .unwrap_or(i64::MAX)
@@ -388,8 +423,19 @@ async fn publish_many(
         } else {
             0
         };
-        let body = &json[SEQ_PLACEHOLDER.len() - 1..];
-        inv.arg(event.job_id.to_string()).arg(body).arg(expiry);
+        match runs.last_mut() {
+            Some((job, run_expiry, bodies)) if *job == event.job_id && *run_expiry == 0 => {
+                *run_expiry = expiry;
+                bodies.push(body);
+            }
+            _ => runs.push((event.job_id, expiry, vec![body])),
+        }
+    }
+    for (job, expiry, bodies) in &runs {
+        inv.arg(job.to_string())
+            .arg(expiry)
+            .arg(bodies.len())
+            .arg(bodies);
     }
     let seqs: Vec<u64> = redis
         .shared

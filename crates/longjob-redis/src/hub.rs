@@ -65,6 +65,29 @@ fn text(v: &Value) -> Option<&[u8]> {
     }
 }
 
+/// The events of a job channel's message: one event's JSON, or (several events published
+/// together) the first one's seq, then each event's JSON without its seq, all on their own line.
+/// JSON never holds a raw line break.
+fn decode_events(payload: &[u8]) -> Result<Vec<JobEvent>, String> {
+    if payload.first() == Some(&b'{') {
+        return serde_json::from_slice(payload)
+            .map(|event| vec![event])
+            .map_err(|e| e.to_string());
+    }
+    let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
+    let mut lines = text.split('\n');
+    let first: u64 = lines
+        .next()
+        .and_then(|seq| seq.parse().ok())
+        .ok_or("a message of several events without a first seq")?;
+    (first..)
+        .zip(lines)
+        .map(|(seq, body)| {
+            serde_json::from_str(&format!("{{\"seq\":{seq}{body}")).map_err(|e| e.to_string())
+        })
+        .collect()
+}
+
 impl Dispatch {
     fn on_push(&self, generation: u64, info: PushInfo) {
         if generation != self.generation.load(Ordering::SeqCst) {
@@ -95,14 +118,17 @@ impl Dispatch {
                     let Some(job) = jobs.get(channel) else {
                         return;
                     };
-                    let live = match serde_json::from_slice::<JobEvent>(payload) {
-                        Ok(event) => Live::Event(event),
+                    match decode_events(payload) {
+                        Ok(events) => {
+                            for event in events {
+                                let _ = job.tx.send(Live::Event(event));
+                            }
+                        }
                         Err(e) => {
                             tracing::warn!(error = %e, "undecodable event on {channel}");
-                            Live::Resync
+                            let _ = job.tx.send(Live::Resync);
                         }
-                    };
-                    let _ = job.tx.send(live);
+                    }
                 }
             }
             PushKind::Disconnection => {
@@ -367,6 +393,37 @@ async fn supervise(hub: Weak<Hub>) {
             drop(hub);
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use longjob_core::{EventPayload, JobEvent, JobId};
+
+    use super::decode_events;
+
+    #[test]
+    fn decodes_one_event_or_several_published_together() {
+        let (job, at) = (JobId::new(), chrono::Utc::now());
+        let event = |seq| JobEvent {
+            seq,
+            job_id: job,
+            at,
+            payload: EventPayload::Cancelled {},
+        };
+        let json = |seq| serde_json::to_string(&event(seq)).unwrap_or_default();
+        assert_eq!(decode_events(json(7).as_bytes()), Ok(vec![event(7)]));
+
+        let body = |seq: u64| json(seq)[format!("{{\"seq\":{seq}").len()..].to_owned();
+        let together = format!("7\n{}\n{}", body(7), body(8));
+        assert_eq!(
+            decode_events(together.as_bytes()),
+            Ok(vec![event(7), event(8)])
+        );
+
+        for bad in ["", "x\n,\"a\":1}", "7\n{", "{\"seq\":1"] {
+            assert!(decode_events(bad.as_bytes()).is_err(), "{bad:?}");
         }
     }
 }

@@ -115,7 +115,15 @@ async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
 
     let published = bus.publish(job, status(JobState::Running)).await.unwrap();
     assert_eq!(published.seq, 3);
-    assert_eq!(seqs(&bus, job, 0, 3).await, [1, 2, 3]);
+    let together = bus
+        .publish_many(
+            job,
+            vec![status(JobState::Running), EventPayload::Cancelled {}],
+        )
+        .await
+        .unwrap();
+    assert_eq!(together.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 5]);
+    assert_eq!(seqs(&bus, job, 0, 5).await, [1, 2, 3, 4, 5]);
     assert_eq!(seqs(&bus, job, 1, 2).await, [2, 3]);
     let list_exists: bool = redis::cmd("EXISTS")
         .arg(format!("{{{prefix}}}:evl:{job}"))
@@ -131,23 +139,33 @@ async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
 /// exact, and a replay from the start begins at the oldest kept. The list stays bounded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn numbering_goes_on_past_the_lists_trim() {
+    numbering_past_the_trim(1).await;
+}
+
+/// The same when events come in groups (one push each) that cross the thresholds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn numbering_goes_on_past_the_lists_trim_for_events_published_together() {
+    numbering_past_the_trim(7).await;
+}
+
+async fn numbering_past_the_trim(group: u64) {
     let (prefix, redis, mut conn) =
         under_fresh_prefix(common::fresh_config().event_retention(5)).await;
     let bus = redis.bus();
     let job = JobId::new();
     let list = format!("{{{prefix}}}:evl:{job}");
     let mut longest = 0;
-    for expected in 1..=300u64 {
-        let event = bus
-            .publish(
-                job,
-                EventPayload::Progress {
-                    progress: Default::default(),
-                },
-            )
-            .await
-            .unwrap();
-        assert_eq!(event.seq, expected);
+    let mut next = 1;
+    while next <= 300u64 {
+        let payloads = (0..group.min(301 - next))
+            .map(|_| EventPayload::Progress {
+                progress: Default::default(),
+            })
+            .collect();
+        for event in bus.publish_many(job, payloads).await.unwrap() {
+            assert_eq!(event.seq, next);
+            next += 1;
+        }
         let len: usize = redis::cmd("LLEN")
             .arg(&list)
             .query_async(&mut conn)
@@ -202,5 +220,66 @@ async fn a_job_queued_again_keeps_its_events() {
     bus.publish(job, status(JobState::Queued)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(seqs(&bus, job, 0, 2).await, [1, 2]);
+    redis.delete_namespace().await.unwrap();
+}
+
+/// A job's events published together travel as one message (their first seq, then each body
+/// on its own line), which subscribers read as the events themselves, live.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_published_together_are_one_message_read_live() {
+    let (prefix, redis, _) = under_fresh_prefix(common::fresh_config()).await;
+    let bus = redis.bus();
+    let job = JobId::new();
+    let client = redis::Client::open(common::redis_url()).unwrap();
+    let mut raw = client.get_async_pubsub().await.unwrap();
+    raw.subscribe(format!("{{{prefix}}}:ev:{job}:live"))
+        .await
+        .unwrap();
+    let mut events = bus.subscribe(job, 0).await.unwrap();
+    bus.publish(job, status(JobState::Running)).await.unwrap();
+    let progress = |current| EventPayload::Progress {
+        progress: longjob_core::Progress {
+            current,
+            total: 3,
+            ..Default::default()
+        },
+    };
+    let published = bus
+        .publish_many(job, (1..=3).map(progress).collect())
+        .await
+        .unwrap();
+    assert_eq!(
+        published.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+
+    let mut messages = raw.on_message();
+    let mut next_message = async || {
+        let message = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a message in time")
+            .unwrap();
+        message.get_payload::<String>().unwrap()
+    };
+    assert!(next_message().await.starts_with("{\"seq\":1,"));
+    let together = next_message().await;
+    let lines: Vec<&str> = together.split('\n').collect();
+    assert_eq!(lines.len(), 4, "{together}");
+    assert_eq!(lines[0], "2");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|body| body.starts_with(",\"jobId\":"))
+    );
+
+    for expected in std::iter::once(status(JobState::Running)).chain((1..=3).map(progress)) {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.payload, expected);
+    }
+    assert_eq!(seqs(&bus, job, 1, 3).await, [2, 3, 4]);
     redis.delete_namespace().await.unwrap();
 }
