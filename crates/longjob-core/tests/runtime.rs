@@ -981,12 +981,16 @@ async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_annou
 }
 
 /// An in-memory bus, slowed down: the `processing` event takes 200 ms, and progress events wait
-/// while `progress_open` holds false. Counts the calls that carry progress events.
+/// while `progress_open` holds false. Counts the calls that carry progress events, and those
+/// that carry an outcome; with `lose_outcome_reply`, the first outcome is published but its
+/// caller gets a timeout, as when a reply is lost.
 #[derive(Debug)]
 struct SlowBus {
     inner: MemoryProgressBus,
     progress_open: tokio::sync::watch::Sender<bool>,
     progress_calls: AtomicUsize,
+    lose_outcome_reply: AtomicBool,
+    outcome_calls: AtomicUsize,
 }
 
 impl SlowBus {
@@ -995,6 +999,8 @@ impl SlowBus {
             inner: MemoryProgressBus::default(),
             progress_open: tokio::sync::watch::Sender::new(progress_open),
             progress_calls: AtomicUsize::new(0),
+            lose_outcome_reply: AtomicBool::new(false),
+            outcome_calls: AtomicUsize::new(0),
         }
     }
 
@@ -1023,7 +1029,18 @@ impl longjob_core::ProgressBus for SlowBus {
         if matches!(payload, EventPayload::Progress { .. }) {
             self.progress_calls.fetch_add(1, Ordering::SeqCst);
         }
-        self.inner.publish(job, payload).await
+        if !payload.is_terminal() {
+            return self.inner.publish(job, payload).await;
+        }
+        self.outcome_calls.fetch_add(1, Ordering::SeqCst);
+        let published = self.inner.publish(job, payload).await?;
+        if self.lose_outcome_reply.swap(false, Ordering::SeqCst) {
+            return Err(longjob_core::BackendError::Timeout {
+                backend: "test",
+                after: Duration::from_millis(1),
+            });
+        }
+        Ok(published)
     }
     async fn publish_many(
         &self,
@@ -1121,6 +1138,49 @@ async fn progress_reports_do_not_wait_for_the_bus() {
     assert_eq!(currents, (1..=200).collect::<Vec<u64>>());
     let calls = bus.progress_calls.load(Ordering::SeqCst);
     assert!(calls <= 20, "200 progress events took {calls} calls");
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// An outcome event whose publish is retried after its reply was lost is told once.
+#[tokio::test]
+async fn an_outcome_published_again_after_a_lost_reply_is_told_once() {
+    let bus = Arc::new(SlowBus::new(true));
+    bus.lose_outcome_reply.store(true, Ordering::SeqCst);
+    let lj = LongJob::builder()
+        .bus(bus.clone())
+        .config(config(1))
+        .build();
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("quick", |_, _: serde_json::Value| async move { Ok(None) })
+        .start();
+    let id = submit(&lj, "quick", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    let (names, _) = event_names(&mut events).await;
+    assert_eq!(names, ["queued", "processing", "completed"]);
+    // Once the worker has retried, the job's events still end with one outcome.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while bus.outcome_calls.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the outcome publish was retried");
+    let mut all = longjob_core::ProgressBus::subscribe(&bus.inner, id, 0)
+        .await
+        .unwrap();
+    let mut seqs = Vec::new();
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(300), all.next()).await
+    {
+        seqs.push((event.seq, event.payload.type_name()));
+    }
+    assert_eq!(
+        seqs,
+        [(1, "status"), (2, "status"), (3, "completed")],
+        "the job's retained events"
+    );
     worker.shutdown(Duration::from_secs(1)).await;
 }
 

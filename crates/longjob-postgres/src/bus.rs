@@ -1,6 +1,6 @@
 //! [`PgProgressBus`]: the [`ProgressBus`] on PostgreSQL.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,7 +63,7 @@ struct Sql {
 
 impl Sql {
     fn new(db: &Db) -> Self {
-        let (notify_event, notify_cancel) = if db.notifications {
+        let (notify_event, notify_none, notify_cancel) = if db.notifications {
             (
                 format!(
                     ", length(pg_notify('{}', n.job_id::text || ':' || n.seq::text || ':' || \
@@ -73,36 +73,50 @@ impl Sql {
                          ELSE '' END)::text)",
                     db.events_channel()
                 ),
+                ", 0",
                 format!(
                     ", length(pg_notify('{}', $1::text || ':' || id::text)::text)",
                     db.cancel_channel()
                 ),
             )
         } else {
-            (String::new(), String::new())
+            (String::new(), "", String::new())
         };
         Self {
             // Many events (of one job or several) in one statement. $1/$2: each job of the
-            // batch once, in id order, with its number of events; $3/$4/$5: the events in call
-            // order, each with how many events of its job follow it in the batch. Each job's
-            // counter row moves by its number of events (an upsert, whose arbiter index is
-            // always used whatever the table's size; rows locked in job order, so concurrent
-            // batches never deadlock), so the events get consecutive seqs in call order; they
-            // are stored, and notified in seq order.
+            // batch once, in id order, with its number of events; $3/$4/$5/$6: the events in
+            // call order, each with how many events of its job follow it in the batch, and
+            // whether it is a terminal event that comes first of its job in the batch. Such an
+            // event is not stored when the job's last stored event is terminal too (`told`):
+            // it answers with that event's seq. Each job's counter row moves by its number of
+            // events stored (an upsert, whose arbiter index is always used whatever the table's
+            // size; rows locked in job order, so concurrent batches never deadlock), so the
+            // events get consecutive seqs in call order; they are stored, and notified in seq
+            // order.
             publish: db.sql(&format!(
-                "WITH head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
-                   SELECT * FROM unnest($1::uuid[], $2::int8[]) AS c(job_id, n) ORDER BY job_id \
+                "WITH ev AS (SELECT * FROM unnest($3::uuid[], $4::int8[], $5::jsonb[], $6::bool[]) \
+                   WITH ORDINALITY AS e(job_id, after, payload, check_told, ord)), \
+                 told AS (SELECT ev.ord, ev.job_id, h.last_seq AS seq, l.at \
+                   FROM ev JOIN {{s}}.job_event_heads h ON h.job_id = ev.job_id \
+                   JOIN {{s}}.job_events l ON l.job_id = h.job_id AND l.seq = h.last_seq \
+                   WHERE ev.check_told \
+                     AND l.payload->>'type' IN ('completed', 'failed', 'cancelled')), \
+                 head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
+                   SELECT * FROM (SELECT c.job_id, \
+                       c.n - (SELECT count(*) FROM told WHERE told.job_id = c.job_id) AS n \
+                     FROM unnest($1::uuid[], $2::int8[]) AS c(job_id, n)) c \
+                   WHERE c.n > 0 ORDER BY job_id \
                    ON CONFLICT (job_id) DO UPDATE SET last_seq = h.last_seq + excluded.last_seq \
                    RETURNING job_id, last_seq), \
                  numbered AS (SELECT e.ord, e.job_id, e.payload, now() AS at, \
                    head.last_seq - e.after AS seq \
-                   FROM unnest($3::uuid[], $4::int8[], $5::jsonb[]) WITH ORDINALITY \
-                     AS e(job_id, after, payload, ord) \
-                   JOIN head USING (job_id)), \
+                   FROM ev e JOIN head USING (job_id) \
+                   WHERE NOT EXISTS (SELECT 1 FROM told WHERE told.ord = e.ord)), \
                  ins AS (INSERT INTO {{s}}.job_events (job_id, seq, at, payload) \
                    SELECT job_id, seq, at, payload FROM numbered) \
                  SELECT n.ord, n.seq, n.at{notify_event} \
-                 FROM (SELECT * FROM numbered ORDER BY job_id, seq) n"
+                 FROM (SELECT * FROM numbered ORDER BY job_id, seq) n \
+                 UNION ALL SELECT ord, seq, at{notify_none} FROM told"
             )),
             replay: db.sql(
                 "SELECT seq, at, payload FROM {s}.job_events \
@@ -424,12 +438,34 @@ impl ProgressBus for PgProgressBus {
 }
 
 /// Publishes a batch of events in one statement.
+///
+/// A terminal event right after a terminal event of its job in the batch is not sent: it
+/// answers as that one does. The first event of each job in the batch, when terminal, is
+/// checked against the job's last stored event in the statement.
 async fn publish_many(
     db: Arc<Db>,
     sql: Arc<Sql>,
     events: Vec<(JobId, EventPayload)>,
 ) -> BackendResult<Vec<BackendResult<JobEvent>>> {
-    let jobs: Vec<Uuid> = events.iter().map(|(job, _)| *job.as_uuid()).collect();
+    // For each event, the earlier event of the batch it repeats (if any); and whether the last
+    // event seen of each job was terminal.
+    let mut last_terminal: HashMap<JobId, (usize, bool)> = HashMap::new();
+    let mut repeats: Vec<Option<usize>> = Vec::with_capacity(events.len());
+    let mut sent: Vec<usize> = Vec::with_capacity(events.len());
+    let mut check_told: Vec<bool> = Vec::with_capacity(events.len());
+    for (i, (job, payload)) in events.iter().enumerate() {
+        let terminal = payload.is_terminal();
+        match last_terminal.get(job) {
+            Some(&(prev, true)) if terminal => repeats.push(Some(prev)),
+            seen => {
+                repeats.push(None);
+                check_told.push(terminal && seen.is_none());
+                sent.push(i);
+                last_terminal.insert(*job, (i, terminal));
+            }
+        }
+    }
+    let jobs: Vec<Uuid> = sent.iter().map(|&i| *events[i].0.as_uuid()).collect();
     // Grouped here rather than in SQL: each job's number of events, and for each event how
     // many of its job's follow it (its seq is then the job's new last seq minus that).
     let mut counts: BTreeMap<Uuid, i64> = BTreeMap::new();
@@ -446,7 +482,7 @@ async fn publish_many(
         })
         .collect();
     let (heads, head_counts): (Vec<Uuid>, Vec<i64>) = counts.into_iter().unzip();
-    let payloads: Vec<Json<&EventPayload>> = events.iter().map(|(_, p)| Json(p)).collect();
+    let payloads: Vec<Json<&EventPayload>> = sent.iter().map(|&i| Json(&events[i].1)).collect();
     let rows: Vec<(i64, i64, DateTime<Utc>)> = db
         .run(
             sqlx::query_as(&sql.publish)
@@ -455,16 +491,20 @@ async fn publish_many(
                 .bind(jobs)
                 .bind(after)
                 .bind(payloads)
+                .bind(check_told)
                 .fetch_all(&db.relaxed),
         )
         .await?;
     let mut stamped: Vec<Option<(u64, DateTime<Utc>)>> = vec![None; events.len()];
     for (ord, seq, at) in rows {
-        let slot = usize::try_from(ord - 1)
-            .ok()
-            .and_then(|i| stamped.get_mut(i));
-        if let (Some(slot), Ok(seq)) = (slot, u64::try_from(seq)) {
-            *slot = Some((seq, at));
+        let index = usize::try_from(ord - 1).ok().and_then(|k| sent.get(k));
+        if let (Some(&index), Ok(seq)) = (index, u64::try_from(seq)) {
+            stamped[index] = Some((seq, at));
+        }
+    }
+    for (i, repeat) in repeats.iter().enumerate() {
+        if let Some(prev) = *repeat {
+            stamped[i] = stamped[prev];
         }
     }
     Ok(events

@@ -19,13 +19,37 @@ async fn an_event_too_large_for_a_notification_arrives_live_from_the_table() {
         error: JobError::internal("x".repeat(20_000)),
         attempt: 1,
     };
-    bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    bus.publish(
+        job,
+        EventPayload::Progress {
+            progress: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
     bus.publish(job, large.clone()).await.unwrap();
-    bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+    bus.publish(
+        job,
+        EventPayload::Progress {
+            progress: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
     for (seq, expected) in [
-        (1, EventPayload::Cancelled {}),
+        (
+            1,
+            EventPayload::Progress {
+                progress: Default::default(),
+            },
+        ),
         (2, large),
-        (3, EventPayload::Cancelled {}),
+        (
+            3,
+            EventPayload::Progress {
+                progress: Default::default(),
+            },
+        ),
     ] {
         let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
@@ -77,9 +101,12 @@ async fn many_events_of_one_job_in_a_batch_get_gapless_seqs_as_stored() {
         for job in &jobs {
             let (bus, job) = (bus.clone(), *job);
             calls.push(async move {
-                let payload = EventPayload::Failed {
-                    error: JobError::internal(format!("{n}")),
-                    attempt: 1,
+                let payload = EventPayload::Progress {
+                    progress: longjob_core::Progress {
+                        current: n,
+                        total: 20,
+                        ..Default::default()
+                    },
                 };
                 bus.publish(job, payload).await.unwrap()
             });

@@ -255,14 +255,35 @@ async fn events_older_than_a_cutoff_are_purged_and_newer_ones_kept() {
     let bus = pg.bus();
     let (old, new) = (JobId::new(), JobId::new());
     for _ in 0..3 {
-        bus.publish(old, EventPayload::Cancelled {}).await.unwrap();
+        bus.publish(
+            old,
+            EventPayload::Progress {
+                progress: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
     }
     // `at` is the statement's time: leave a clear gap around the cutoff.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let cutoff = Utc::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    bus.publish(new, EventPayload::Cancelled {}).await.unwrap();
-    bus.publish(old, EventPayload::Cancelled {}).await.unwrap();
+    bus.publish(
+        new,
+        EventPayload::Progress {
+            progress: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
+    bus.publish(
+        old,
+        EventPayload::Progress {
+            progress: Default::default(),
+        },
+    )
+    .await
+    .unwrap();
 
     // One at a time: the limit holds.
     assert_eq!(bus.purge_events_before(cutoff, 1).await.unwrap(), 1);

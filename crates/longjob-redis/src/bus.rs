@@ -58,6 +58,10 @@ const LIST_FLOOR: usize = 64;
 /// call): a run of one event is published as the event's JSON, a longer one as
 /// `<first seq>\n<body>\n<body>…` (see [`crate::hub`]).
 ///
+/// A terminal event (the last of its run, since it sets the expiry) that is alone in its run
+/// and finds the job's last listed event terminal is not added nor published: it answers with
+/// that event's seq (jobs still on a stream of an earlier version are not checked).
+///
 /// A list of more than twice the kept count is trimmed to one more than it (so a trimmed list
 /// holds more than the floor), its first element moved on by as many. A job whose events are in
 /// a stream of an earlier version (a key the list's first push finds) keeps the stream: `XADD`
@@ -113,11 +117,20 @@ local function stream_append(id, body, expiry)
   return seq, key
 end
 
-local i = 4
-while i <= #ARGV do
-  local id, expiry = ARGV[i], ARGV[i + 1]
-  local first = i + 3
-  local last = i + 2 + tonumber(ARGV[i + 2])
+-- The seq of the job's last listed event when it is terminal (the job's end is told), else nil.
+local function told_end(id)
+  local key = base .. 'evl:' .. id
+  local last = redis.call('LINDEX', key, -1)
+  if not last then return nil end
+  local kind = string.match(last, '^,"jobId":"[^"]*","at":"[^"]*","type":"(%a+)"')
+  if kind ~= 'completed' and kind ~= 'failed' and kind ~= 'cancelled' then return nil end
+  local held = redis.call('LLEN', key) - 1
+  if held > {LIST_FLOOR} then return tonumber(redis.call('LINDEX', key, 0)) + held end
+  return held
+end
+
+-- Appends a run (a job's events ARGV[first..last]) and publishes it; returns their seqs' start.
+local function append_run(id, expiry, first, last)
   local channel = base .. 'ev:' .. id .. ':live'
   local seq, key = list_append(id, first, last)
   if seq then
@@ -147,6 +160,18 @@ while i <= #ARGV do
       redis.call('PERSIST', key)
     end
   end
+end
+
+local i = 4
+while i <= #ARGV do
+  local id, expiry = ARGV[i], ARGV[i + 1]
+  local first = i + 3
+  local last = i + 2 + tonumber(ARGV[i + 2])
+  -- A terminal event (always its run's last: the only one to expire the job's keys) alone in
+  -- its run may repeat the job's told end: then it is not added, and answers with that seq.
+  local told = nil
+  if first == last and tonumber(expiry) > 0 then told = told_end(id) end
+  if told then out[#out + 1] = told else append_run(id, expiry, first, last) end
   i = last + 1
 end
 return out

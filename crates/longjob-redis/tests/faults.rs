@@ -309,7 +309,14 @@ async fn subscribers_and_waiting_claims_survive_a_redis_restart() {
     let job = JobId::new();
     let mut stream = bus.subscribe(job, 0).await.unwrap();
     for _ in 0..3 {
-        bus.publish(job, EventPayload::Cancelled {}).await.unwrap();
+        bus.publish(
+            job,
+            EventPayload::Progress {
+                progress: Default::default(),
+            },
+        )
+        .await
+        .unwrap();
     }
     server.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -319,7 +326,15 @@ async fn subscribers_and_waiting_claims_survive_a_redis_restart() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while published < 3 {
         assert!(Instant::now() < deadline, "Redis did not come back");
-        match bus.publish(job, EventPayload::Cancelled {}).await {
+        match bus
+            .publish(
+                job,
+                EventPayload::Progress {
+                    progress: Default::default(),
+                },
+            )
+            .await
+        {
             Ok(_) => published += 1,
             Err(e) => {
                 assert!(e.is_transient(), "{e}");

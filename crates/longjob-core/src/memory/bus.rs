@@ -240,6 +240,20 @@ impl ProgressBus for MemoryProgressBus {
     async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
         let mut inner = lock(&self.inner);
         let channel = inner.jobs.entry(job).or_default();
+        if payload.is_terminal() {
+            if let Some(last) = channel.retained.back() {
+                let stored = last.payload.payload();
+                if stored.is_terminal() {
+                    // A repeat (a retried publish): the job's end is already told.
+                    return Ok(JobEvent {
+                        seq: channel.last_seq,
+                        job_id: job,
+                        at: last.at,
+                        payload: stored,
+                    });
+                }
+            }
+        }
         channel.last_seq += 1;
         let event = JobEvent {
             seq: channel.last_seq,
@@ -350,12 +364,25 @@ mod tests {
                 expires_at: Some(Utc::now()),
                 size: Some(3),
             },
+            // Each end after a manual retry: an end right after an end is not kept.
+            queued_again(),
             EventPayload::Failed {
                 error: JobError::validation("bad"),
                 attempt: 2,
             },
+            queued_again(),
             EventPayload::Cancelled {},
         ]
+    }
+
+    fn queued_again() -> EventPayload {
+        EventPayload::Status {
+            status: JobState::Queued,
+            attempt: 2,
+            error: None,
+            next_run_at: None,
+            progress: None,
+        }
     }
 
     /// Events are kept compactly; the replay must give back exactly what was published.

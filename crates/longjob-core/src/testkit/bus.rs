@@ -18,6 +18,7 @@ macro_rules! bus_conformance {
             publish_numbers_events_from_one,
             subscribe_replays_after_seq_then_streams_live,
             a_replay_after_any_seq_past_the_last_is_empty,
+            a_jobs_end_is_told_once_until_it_is_queued_again,
             replay_to_live_switch_has_no_gap_and_no_duplicate,
             concurrent_publishers_get_distinct_seqs,
             publish_many_keeps_the_order_among_concurrent_publishes,
@@ -133,6 +134,60 @@ pub async fn a_replay_after_any_seq_past_the_last_is_empty(bus: &impl ProgressBu
         let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
         assert!(next.is_err(), "after {after}: {next:?}");
     }
+}
+
+/// A terminal event published right after a terminal one (a publish retried after its reply
+/// was lost, or any other end) is not added: it answers with the retained one's seq. A
+/// non-terminal event (a manual retry's `queued` status) opens the way to another end.
+pub async fn a_jobs_end_is_told_once_until_it_is_queued_again(bus: &impl ProgressBus) {
+    let job = JobId::new();
+    let completed = EventPayload::Completed {
+        download_url: None,
+        expires_at: None,
+        size: Some(3),
+    };
+    let failed = EventPayload::Failed {
+        error: crate::JobError::validation("late"),
+        attempt: 1,
+    };
+    let queued = EventPayload::Status {
+        status: crate::JobState::Queued,
+        attempt: 1,
+        error: None,
+        next_run_at: None,
+        progress: None,
+    };
+    bus.publish(job, progress(1)).await.unwrap();
+    assert_eq!(bus.publish(job, completed.clone()).await.unwrap().seq, 2);
+    for again in [completed.clone(), failed, EventPayload::Cancelled {}] {
+        assert_eq!(bus.publish(job, again).await.unwrap().seq, 2);
+    }
+    let cancelled = EventPayload::Cancelled {};
+    let many = bus
+        .publish_many(
+            job,
+            vec![
+                cancelled.clone(),
+                queued.clone(),
+                cancelled.clone(),
+                cancelled.clone(),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seqs(&many), [2, 3, 4, 4]);
+    assert_eq!(bus.publish(job, progress(2)).await.unwrap().seq, 5);
+
+    let mut stream = bus.subscribe(job, 0).await.unwrap();
+    let replayed = take(&mut stream, 5).await;
+    assert_eq!(seqs(&replayed), [1, 2, 3, 4, 5]);
+    let payloads: Vec<EventPayload> = replayed.into_iter().map(|e| e.payload).collect();
+    assert_eq!(
+        payloads,
+        [progress(1), completed, queued, cancelled, progress(2)]
+    );
+    let next = tokio::time::timeout(Duration::from_millis(200), stream.next()).await;
+    assert!(next.is_err(), "an event past the last: {next:?}");
 }
 
 /// Two publishers of the same job (as two processes would be) get distinct, gapless seqs.
