@@ -14,43 +14,18 @@ async fn an_event_too_large_for_a_notification_arrives_live_from_the_table() {
     let bus = common::backend().await.bus();
     let job = JobId::new();
     let mut stream = bus.subscribe(job, 0).await.unwrap();
+    let filler = || EventPayload::Progress {
+        progress: Default::default(),
+    };
     // Over PostgreSQL's 8000-byte notification payload.
     let large = EventPayload::Failed {
         error: JobError::internal("x".repeat(20_000)),
         attempt: 1,
     };
-    bus.publish(
-        job,
-        EventPayload::Progress {
-            progress: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
+    bus.publish(job, filler()).await.unwrap();
     bus.publish(job, large.clone()).await.unwrap();
-    bus.publish(
-        job,
-        EventPayload::Progress {
-            progress: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
-    for (seq, expected) in [
-        (
-            1,
-            EventPayload::Progress {
-                progress: Default::default(),
-            },
-        ),
-        (2, large),
-        (
-            3,
-            EventPayload::Progress {
-                progress: Default::default(),
-            },
-        ),
-    ] {
+    bus.publish(job, filler()).await.unwrap();
+    for (seq, expected) in [(1, filler()), (2, large), (3, filler())] {
         let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
             .await
             .expect("event in time")

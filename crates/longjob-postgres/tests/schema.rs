@@ -254,36 +254,18 @@ async fn events_older_than_a_cutoff_are_purged_and_newer_ones_kept() {
     let pg = common::backend().await;
     let bus = pg.bus();
     let (old, new) = (JobId::new(), JobId::new());
+    let filler = || EventPayload::Progress {
+        progress: Default::default(),
+    };
     for _ in 0..3 {
-        bus.publish(
-            old,
-            EventPayload::Progress {
-                progress: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
+        bus.publish(old, filler()).await.unwrap();
     }
     // `at` is the statement's time: leave a clear gap around the cutoff.
     tokio::time::sleep(Duration::from_millis(50)).await;
     let cutoff = Utc::now();
     tokio::time::sleep(Duration::from_millis(50)).await;
-    bus.publish(
-        new,
-        EventPayload::Progress {
-            progress: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
-    bus.publish(
-        old,
-        EventPayload::Progress {
-            progress: Default::default(),
-        },
-    )
-    .await
-    .unwrap();
+    bus.publish(new, filler()).await.unwrap();
+    bus.publish(old, filler()).await.unwrap();
 
     // One at a time: the limit holds.
     assert_eq!(bus.purge_events_before(cutoff, 1).await.unwrap(), 1);

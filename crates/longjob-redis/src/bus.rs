@@ -129,7 +129,7 @@ local function told_end(id)
   return held
 end
 
--- Appends a run (a job's events ARGV[first..last]) and publishes it; returns their seqs' start.
+-- Appends a run (a job's events ARGV[first..last]), publishes it and adds their seqs to `out`.
 local function append_run(id, expiry, first, last)
   local channel = base .. 'ev:' .. id .. ':live'
   local seq, key = list_append(id, first, last)
@@ -201,8 +201,8 @@ return out
 });
 
 /// Most events gathered into one script call. Larger than the other batches: a worker's jobs
-/// send their progress events in groups (ten or more a job), and a script call has a fixed cost
-/// of its own (about 26 µs of Redis's time) that a batch of 64 events split over few jobs.
+/// send their progress events in groups (ten or more a job), and each script call costs about
+/// 26 µs of Redis's time beyond its events: a batch of 64 events held only about five jobs.
 const PUBLISH_BATCH: usize = 512;
 
 /// A [`ProgressBus`] on Redis. Build it with [`Redis::bus`] or [`RedisProgressBus::connect`].

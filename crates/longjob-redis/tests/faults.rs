@@ -308,15 +308,11 @@ async fn subscribers_and_waiting_claims_survive_a_redis_restart() {
     let (bus, queue) = (redis.bus(), redis.queue());
     let job = JobId::new();
     let mut stream = bus.subscribe(job, 0).await.unwrap();
+    let filler = || EventPayload::Progress {
+        progress: Default::default(),
+    };
     for _ in 0..3 {
-        bus.publish(
-            job,
-            EventPayload::Progress {
-                progress: Default::default(),
-            },
-        )
-        .await
-        .unwrap();
+        bus.publish(job, filler()).await.unwrap();
     }
     server.kill();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -326,15 +322,7 @@ async fn subscribers_and_waiting_claims_survive_a_redis_restart() {
     let deadline = Instant::now() + Duration::from_secs(20);
     while published < 3 {
         assert!(Instant::now() < deadline, "Redis did not come back");
-        match bus
-            .publish(
-                job,
-                EventPayload::Progress {
-                    progress: Default::default(),
-                },
-            )
-            .await
-        {
+        match bus.publish(job, filler()).await {
             Ok(_) => published += 1,
             Err(e) => {
                 assert!(e.is_transient(), "{e}");
