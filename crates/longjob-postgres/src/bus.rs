@@ -96,11 +96,10 @@ impl Sql {
             publish: db.sql(&format!(
                 "WITH ev AS (SELECT * FROM unnest($3::uuid[], $4::int8[], $5::jsonb[], $6::bool[]) \
                    WITH ORDINALITY AS e(job_id, after, payload, check_told, ord)), \
-                 told AS (SELECT ev.ord, ev.job_id, h.last_seq AS seq, l.at \
-                   FROM ev JOIN {{s}}.job_event_heads h ON h.job_id = ev.job_id \
-                   JOIN {{s}}.job_events l ON l.job_id = h.job_id AND l.seq = h.last_seq \
-                   WHERE ev.check_told \
-                     AND l.payload->>'type' IN ('completed', 'failed', 'cancelled')), \
+                 told AS (SELECT ev.ord, ev.job_id, t.seq, t.at FROM ev CROSS JOIN LATERAL \
+                   (SELECT l.seq, l.at, l.payload->>'type' AS kind FROM {{s}}.job_events l \
+                     WHERE l.job_id = ev.job_id ORDER BY l.seq DESC LIMIT 1) t \
+                   WHERE ev.check_told AND t.kind IN ('completed', 'failed', 'cancelled')), \
                  head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
                    SELECT * FROM (SELECT c.job_id, \
                        c.n - (SELECT count(*) FROM told WHERE told.job_id = c.job_id) AS n \
