@@ -19,9 +19,9 @@ pub type CancelStream = BoxStream<'static, BackendResult<JobId>>;
 /// - [`publish`](Self::publish) gives each event of a job the next `seq` (1, 2, 3, …), whichever
 ///   process publishes it.
 /// - A terminal event (completed, failed, cancelled) published when the job's last retained
-///   event is terminal too is not added: `publish` returns that retained event. Only a
-///   non-terminal event (a manual retry's `queued` status) opens the way to another end. So a
-///   publish retried after its reply was lost tells the job's end once, not twice.
+///   event is terminal too is not added: `publish` answers with that retained event's seq.
+///   Only a non-terminal event (a manual retry's `queued` status) opens the way to another end.
+///   So a publish retried after its reply was lost tells the job's end once, not twice.
 /// - [`subscribe`](Self::subscribe) first replays the retained events with `seq > after_seq`,
 ///   then streams live ones: in order, with no gap and no duplicate, even while events are being
 ///   published during the switch from replay to live.

@@ -94,6 +94,10 @@ pub enum EventPayload {
 }
 
 impl EventPayload {
+    /// The [`type_name`](Self::type_name)s of the terminal events, for backends that recognise
+    /// them in stored JSON (the `type` field).
+    pub const TERMINAL_TYPE_NAMES: [&'static str; 3] = ["completed", "failed", "cancelled"];
+
     /// Whether no event of the job follows this one (until a manual retry).
     pub const fn is_terminal(&self) -> bool {
         matches!(
@@ -164,6 +168,12 @@ mod tests {
             assert!(json.contains(&format!("\"type\":\"{}\"", event.payload.type_name())));
             let back: JobEvent = serde_json::from_str(&json).unwrap();
             assert_eq!(back, event);
+            assert_eq!(
+                EventPayload::TERMINAL_TYPE_NAMES.contains(&event.payload.type_name()),
+                event.is_terminal(),
+                "{}",
+                event.payload.type_name()
+            );
         }
     }
 }

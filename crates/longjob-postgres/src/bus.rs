@@ -82,6 +82,8 @@ impl Sql {
         } else {
             (String::new(), "", String::new())
         };
+        let terminal = EventPayload::TERMINAL_TYPE_NAMES.map(|name| format!("'{name}'"));
+        let terminal = terminal.join(", ");
         Self {
             // Many events (of one job or several) in one statement. $1/$2: each job of the
             // batch once, in id order, with its number of events; $3/$4/$5/$6: the events in
@@ -99,7 +101,7 @@ impl Sql {
                  told AS (SELECT ev.ord, ev.job_id, t.seq, t.at FROM ev CROSS JOIN LATERAL \
                    (SELECT l.seq, l.at, l.payload->>'type' AS kind FROM {{s}}.job_events l \
                      WHERE l.job_id = ev.job_id ORDER BY l.seq DESC LIMIT 1) t \
-                   WHERE ev.check_told AND t.kind IN ('completed', 'failed', 'cancelled')), \
+                   WHERE ev.check_told AND t.kind IN ({terminal})), \
                  head AS (INSERT INTO {{s}}.job_event_heads AS h (job_id, last_seq) \
                    SELECT * FROM (SELECT c.job_id, \
                        c.n - (SELECT count(*) FROM told WHERE told.job_id = c.job_id) AS n \
@@ -446,21 +448,21 @@ async fn publish_many(
     sql: Arc<Sql>,
     events: Vec<(JobId, EventPayload)>,
 ) -> BackendResult<Vec<BackendResult<JobEvent>>> {
-    // For each event, the earlier event of the batch it repeats (if any); and whether the last
-    // event seen of each job was terminal.
-    let mut last_terminal: HashMap<JobId, (usize, bool)> = HashMap::new();
+    // For each event, the earlier event of the batch it repeats (if any); for each job, its last
+    // event sent and whether that one is terminal.
+    let mut last_sent: HashMap<JobId, (usize, bool)> = HashMap::new();
     let mut repeats: Vec<Option<usize>> = Vec::with_capacity(events.len());
     let mut sent: Vec<usize> = Vec::with_capacity(events.len());
     let mut check_told: Vec<bool> = Vec::with_capacity(events.len());
     for (i, (job, payload)) in events.iter().enumerate() {
         let terminal = payload.is_terminal();
-        match last_terminal.get(job) {
+        match last_sent.get(job) {
             Some(&(prev, true)) if terminal => repeats.push(Some(prev)),
             seen => {
                 repeats.push(None);
                 check_told.push(terminal && seen.is_none());
                 sent.push(i);
-                last_terminal.insert(*job, (i, terminal));
+                last_sent.insert(*job, (i, terminal));
             }
         }
     }

@@ -71,6 +71,8 @@ const LIST_FLOOR: usize = 64;
 /// The bodies are used as sent, not cut out of the JSON, and a stream's seq stays the string
 /// `XADD` returned.
 static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
+    let terminal = EventPayload::TERMINAL_TYPE_NAMES.map(|name| format!("{name} = true"));
+    let terminal = terminal.join(", ");
     Script::new(&format!(
         r#"
 local base, keep, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
@@ -118,12 +120,13 @@ local function stream_append(id, body, expiry)
 end
 
 -- The seq of the job's last listed event when it is terminal (the job's end is told), else nil.
+local terminal = {{ {terminal} }}
 local function told_end(id)
   local key = base .. 'evl:' .. id
   local last = redis.call('LINDEX', key, -1)
   if not last then return nil end
   local kind = string.match(last, '^,"jobId":"[^"]*","at":"[^"]*","type":"(%a+)"')
-  if kind ~= 'completed' and kind ~= 'failed' and kind ~= 'cancelled' then return nil end
+  if not terminal[kind] then return nil end
   local held = redis.call('LLEN', key) - 1
   if held > {LIST_FLOOR} then return tonumber(redis.call('LINDEX', key, 0)) + held end
   return held
