@@ -89,6 +89,15 @@ impl Compact {
         }
     }
 
+    /// [`EventPayload::is_terminal`] without expanding it.
+    fn is_terminal(&self) -> bool {
+        match self {
+            Self::Failed { .. } | Self::Cancelled => true,
+            Self::Status { .. } | Self::Progress(_) => false,
+            Self::Other(payload) => payload.is_terminal(),
+        }
+    }
+
     fn payload(&self) -> EventPayload {
         match self {
             Self::Status {
@@ -240,18 +249,15 @@ impl ProgressBus for MemoryProgressBus {
     async fn publish(&self, job: JobId, payload: EventPayload) -> BackendResult<JobEvent> {
         let mut inner = lock(&self.inner);
         let channel = inner.jobs.entry(job).or_default();
-        if payload.is_terminal() {
-            if let Some(last) = channel.retained.back() {
-                let stored = last.payload.payload();
-                if stored.is_terminal() {
-                    // A repeat (a retried publish): the job's end is already told.
-                    return Ok(JobEvent {
-                        seq: channel.last_seq,
-                        job_id: job,
-                        at: last.at,
-                        payload: stored,
-                    });
-                }
+        if let Some(last) = channel.retained.back() {
+            if payload.is_terminal() && last.payload.is_terminal() {
+                // A repeat (a retried publish): the job's end is already told.
+                return Ok(JobEvent {
+                    seq: channel.last_seq,
+                    job_id: job,
+                    at: last.at,
+                    payload: last.payload.payload(),
+                });
             }
         }
         channel.last_seq += 1;
@@ -392,6 +398,10 @@ mod tests {
         let job = JobId::new();
         let mut published = Vec::new();
         for payload in payloads() {
+            assert_eq!(
+                Compact::new(payload.clone()).is_terminal(),
+                payload.is_terminal()
+            );
             published.push(bus.publish(job, payload).await.unwrap());
         }
         for after in 0..published.len() {
