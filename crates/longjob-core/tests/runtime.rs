@@ -613,6 +613,7 @@ struct CountingQueue {
     largest_extend: AtomicUsize,
     /// The size of each claim that leased something.
     claims: Mutex<Vec<usize>>,
+    requeues: AtomicUsize,
     /// Acks wait while this holds false, as acks on a slow backend would.
     acks_open: tokio::sync::watch::Sender<bool>,
 }
@@ -624,6 +625,7 @@ impl CountingQueue {
             extend_calls: AtomicUsize::new(0),
             largest_extend: AtomicUsize::new(0),
             claims: Mutex::new(Vec::new()),
+            requeues: AtomicUsize::new(0),
             acks_open: tokio::sync::watch::Sender::new(true),
         }
     }
@@ -664,6 +666,7 @@ impl Queue for CountingQueue {
         self.inner.ack(lease).await
     }
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
+        self.requeues.fetch_add(1, Ordering::SeqCst);
         self.inner.requeue(lease, delay).await
     }
     async fn stats(&self) -> BackendResult<QueueStats> {
@@ -675,17 +678,19 @@ impl Queue for CountingQueue {
 }
 
 /// A job's slot is free once its handler returns: while its outcome is still being written
-/// (here, an ack that does not answer), the next job runs. Jobs finishing are bounded too: with
-/// one slot, one job finishes while one runs, and a third waits.
+/// (here, an ack that does not answer), the next job runs. Jobs finishing are bounded too, at
+/// four per slot: with one slot (and none claimed ahead), four jobs finish while a fifth, its
+/// handler returned, waits to finish, and a sixth is not claimed.
 #[tokio::test(start_paused = true)]
 async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
     let (queue, lj) = on_counting_queue(false);
     let mut ids = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..6 {
         ids.push(submit(&lj, "quick", &[]).await);
     }
     let mut cfg = worker_config();
     cfg.concurrency = 1;
+    cfg.prefetch = Some(0);
     let started = Arc::new(AtomicUsize::new(0));
     let worker = lj
         .worker()
@@ -701,17 +706,136 @@ async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
         started.load(Ordering::SeqCst),
-        2,
-        "the second job waits for the first one's ack, or a third one ran past the bound"
+        5,
+        "the next job waits for the earlier ones' acks, or a sixth one ran past the bound"
     );
-    assert_eq!(worker.running(), 2);
+    assert_eq!(worker.running(), 5);
     queue.acks_open.send_replace(true);
     for id in &ids {
         wait_state(&lj, *id, JobState::Completed).await;
     }
-    assert_eq!(started.load(Ordering::SeqCst), 3);
+    assert_eq!(started.load(Ordering::SeqCst), 6);
     worker.shutdown(Duration::from_secs(1)).await;
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
+}
+
+/// Runs a worker of one slot on `lj` whose `quick` jobs return at once and whose `slow` ones
+/// take 10 s; counts the handlers running (most at once in `peak`).
+fn one_slot_worker(
+    lj: &LongJob,
+    cfg: WorkerConfig,
+    peak: &Arc<AtomicUsize>,
+) -> longjob_core::WorkerHandle {
+    let running = Arc::new(AtomicUsize::new(0));
+    let handler = |pause: Duration| {
+        let running = Arc::clone(&running);
+        let peak = Arc::clone(peak);
+        move |_, _: serde_json::Value| {
+            let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let running = Arc::clone(&running);
+            async move {
+                tokio::time::sleep(pause).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok(None)
+            }
+        }
+    };
+    let mut cfg = cfg;
+    cfg.concurrency = 1;
+    lj.worker()
+        .config(cfg)
+        .handle("quick", handler(Duration::from_millis(1)))
+        .handle("slow", handler(Duration::from_secs(10)))
+        .start()
+}
+
+/// While handlers are short, jobs are claimed ahead of free slots (more leases held than
+/// handlers run), never more handlers at once than the concurrency, and no job goes back.
+#[tokio::test(start_paused = true)]
+async fn jobs_are_claimed_ahead_while_handlers_are_short() {
+    let (queue, lj) = on_counting_queue(true);
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(submit(&lj, "quick", &[]).await);
+    }
+    let peak = Arc::new(AtomicUsize::new(0));
+    let worker = one_slot_worker(&lj, worker_config(), &peak);
+    let mut most_held = 0;
+    while lj.store().get(ids[39]).await.unwrap().unwrap().state != JobState::Completed {
+        most_held = most_held.max(worker.running());
+        tokio::time::sleep(Duration::from_micros(200)).await;
+    }
+    for id in &ids {
+        let job = wait_state(&lj, *id, JobState::Completed).await;
+        assert_eq!(job.attempt, 1);
+    }
+    assert_eq!(peak.load(Ordering::SeqCst), 1, "more handlers than slots");
+    assert!(
+        most_held >= 2,
+        "no job was claimed ahead (most held {most_held})"
+    );
+    assert_eq!(queue.requeues.load(Ordering::SeqCst), 0);
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// When handlers turn slow, a job claimed ahead goes back to the queue after `prefetch_wait`
+/// (no attempt counted) and another worker runs it; while the handlers stay slow the first
+/// worker does not claim it (or any other) ahead again, so nothing churns.
+#[tokio::test(start_paused = true)]
+async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
+    let (queue, lj) = on_counting_queue(true);
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut cfg = worker_config();
+    cfg.claim_gather = Duration::ZERO;
+    let first = one_slot_worker(&lj, cfg.clone(), &peak);
+    // Short jobs first, one at a time, so claiming ahead pays.
+    for _ in 0..3 {
+        let id = submit(&lj, "quick", &[]).await;
+        wait_state(&lj, id, JobState::Completed).await;
+    }
+    let slow = submit(&lj, "slow", &[]).await;
+    wait_state(&lj, slow, JobState::Running).await;
+    let waiting = submit(&lj, "quick", &[]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(first.running(), 2, "the quick job was not claimed ahead");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(queue.requeues.load(Ordering::SeqCst), 1, "jobs churn");
+    assert_eq!(first.running(), 1, "a job is held ahead of the slow one");
+    assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
+    let second = one_slot_worker(&lj, cfg, &Arc::new(AtomicUsize::new(0)));
+    let job = wait_state(&lj, waiting, JobState::Completed).await;
+    assert_eq!(job.attempt, 1, "going back counted an attempt");
+    assert_eq!(
+        lj.store().get(slow).await.unwrap().unwrap().state,
+        JobState::Running,
+        "the quick job waited for the slow one"
+    );
+    second.shutdown(Duration::from_secs(1)).await;
+    first.shutdown(Duration::from_secs(20)).await;
+    wait_state(&lj, slow, JobState::Completed).await;
+}
+
+/// A graceful shutdown gives a job claimed ahead back at once, its attempt not counted.
+#[tokio::test(start_paused = true)]
+async fn shutdown_gives_back_a_job_claimed_ahead() {
+    let (_queue, lj) = on_counting_queue(true);
+    let peak = Arc::new(AtomicUsize::new(0));
+    let mut cfg = worker_config();
+    cfg.prefetch_wait = Duration::from_secs(60);
+    let worker = one_slot_worker(&lj, cfg, &peak);
+    let quick = submit(&lj, "quick", &[]).await;
+    wait_state(&lj, quick, JobState::Completed).await;
+    let slow = submit(&lj, "slow", &[]).await;
+    wait_state(&lj, slow, JobState::Running).await;
+    let waiting = submit(&lj, "quick", &[]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(worker.running(), 2, "the quick job was not claimed ahead");
+    worker.shutdown(Duration::from_secs(30)).await;
+    wait_state(&lj, slow, JobState::Completed).await;
+    let job = lj.store().get(waiting).await.unwrap().unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Queued, 0));
+    assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
 }
 
 /// A graceful shutdown waits for the outcomes still being written (here, an ack that has not

@@ -2,6 +2,7 @@
 //! leases in one call per interval, enforces timeouts, retries, cancellation and graceful
 //! shutdown.
 
+mod capacity;
 mod context;
 mod run;
 
@@ -15,12 +16,12 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::memory::lock;
 use crate::{JobError, JobId, JobResult, Lease, LongJob};
+use capacity::{Capacity, Slot};
 
 /// Why a running handler was stopped before it returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,12 +41,25 @@ pub struct WorkerConfig {
     /// Handlers run at once. Default 16.
     ///
     /// A job's slot is free again as soon as its handler returns: writing its outcome, its
-    /// event and its ack happen after, for up to this many more jobs at once (their leases
-    /// still held and heartbeated). So a slow backend round trip delays the next job's start
-    /// less, and outcomes of many jobs share one batch.
+    /// event and its ack happen after, for up to four times this many jobs at once (their
+    /// leases still held and heartbeated). So a slow backend round trip delays the next job's
+    /// start less, and outcomes of many jobs share one batch.
     pub concurrency: usize,
     /// Most jobs claimed in one call. Default: the concurrency.
     pub claim_batch: Option<usize>,
+    /// Most jobs claimed ahead of free handler slots. Default: the concurrency; 0 turns it off.
+    ///
+    /// A job claimed ahead is leased and read while every handler is busy, and starts the
+    /// moment one returns: the next job's claim and read are off the path between two
+    /// handlers, which is most of a short job's time. The worker claims ahead only while its
+    /// handlers return within [`prefetch_wait`](Self::prefetch_wait): with longer jobs the
+    /// round trips saved are noise, and a job held here waiting would be better run by another
+    /// worker. Its lease is held and heartbeated like a running job's.
+    pub prefetch: Option<usize>,
+    /// How long a job claimed ahead waits for a handler slot before it goes back to the queue
+    /// (no attempt counted), and the longest handler run time (as a recent average) for which
+    /// the worker claims ahead at all. Default 50 ms.
+    pub prefetch_wait: Duration,
     /// A lease's time-to-live. Default 30 s.
     pub lease_ttl: Duration,
     /// How often all leases are extended (one call). Default 10 s.
@@ -73,6 +87,8 @@ impl Default for WorkerConfig {
         Self {
             concurrency: 16,
             claim_batch: None,
+            prefetch: None,
+            prefetch_wait: Duration::from_millis(50),
             lease_ttl: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             claim_wait: Duration::from_secs(5),
@@ -151,14 +167,16 @@ impl WorkerBuilder {
 
     /// Starts the worker on the current tokio runtime.
     pub fn start(self) -> WorkerHandle {
+        let stop_claiming = CancellationToken::new();
         let shared = Arc::new(Shared {
             lj: self.lj,
+            capacity: Arc::new(Capacity::new(&self.config)),
             config: self.config,
             handlers: self.handlers,
             running: Mutex::new(HashMap::new()),
             foreign_kinds: Mutex::new(std::collections::HashSet::new()),
+            stopping: stop_claiming.clone(),
         });
-        let stop_claiming = CancellationToken::new();
         let stop_all = CancellationToken::new();
         let mut tasks = JoinSet::new();
         tasks.spawn(heartbeat_loop(Arc::clone(&shared), stop_all.clone()));
@@ -192,6 +210,10 @@ pub(crate) struct Shared {
     /// Kinds without a handler here that were met already: each is logged as a warning once,
     /// not at every offer of each of its jobs.
     pub(crate) foreign_kinds: Mutex<std::collections::HashSet<String>>,
+    /// The worker's slots: claimed, running, finishing.
+    pub(crate) capacity: Arc<Capacity>,
+    /// Cancelled when the worker stops claiming: jobs claimed ahead and not started go back.
+    pub(crate) stopping: CancellationToken,
 }
 
 /// A running worker. Dropping it aborts its tasks without releasing leases (as a crash would);
@@ -214,7 +236,7 @@ impl std::fmt::Debug for WorkerHandle {
 }
 
 impl WorkerHandle {
-    /// How many jobs this worker holds now: running, or writing their outcome.
+    /// How many jobs this worker holds now: claimed ahead, running, or writing their outcome.
     pub fn running(&self) -> usize {
         lock(&self.shared.running).len()
     }
@@ -281,15 +303,34 @@ async fn claim_loop(
     jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
 ) {
     let config = &shared.config;
-    let slots = Arc::new(Semaphore::new(config.concurrency));
-    let finishing = Arc::new(Semaphore::new(config.concurrency));
+    let capacity = &shared.capacity;
+    let slots = Arc::clone(&capacity.claims);
     let batch = config.claim_batch.unwrap_or(config.concurrency).max(1);
+    let prefetch = u32::try_from(capacity.prefetch).unwrap_or(u32::MAX);
+    // While claiming ahead does not pay, this holds the prefetch's share of the claim slots, so
+    // no more jobs are claimed than handlers can run.
+    let mut reserve = None;
     let mut failures = 0u32;
     loop {
+        if capacity.prefetch_pays() {
+            reserve = None;
+        } else if reserve.is_none() && prefetch > 0 {
+            reserve = tokio::select! {
+                permits = Arc::clone(&slots).acquire_many_owned(prefetch) => match permits { Ok(p) => Some(p), Err(_) => return },
+                () = stop.cancelled() => return,
+            };
+        }
+        let usable = capacity.claim_slots - reserve.as_ref().map_or(0, |r| r.num_permits());
         let first = tokio::select! {
             permit = Arc::clone(&slots).acquire_owned() => match permit { Ok(p) => p, Err(_) => return },
             () = stop.cancelled() => return,
         };
+        if reserve.is_none() && prefetch > 0 && !capacity.prefetch_pays() {
+            // It stopped paying while we waited (a job claimed ahead went back): take the
+            // reserve first, or the slot that job freed would claim it again.
+            drop(first);
+            continue;
+        }
         let mut permits = vec![first];
         // While jobs run, slots come back one by one; claiming each at once would split the work
         // into batches of one, and every later step of a job (reads, writes, events, acks) with
@@ -298,7 +339,8 @@ async fn claim_loop(
         while permits.len() < batch {
             match Arc::clone(&slots).try_acquire_owned() {
                 Ok(p) => permits.push(p),
-                Err(_) if slots.available_permits() + permits.len() < config.concurrency => {
+                // Some slots are held by jobs, which will give them back soon.
+                Err(_) if slots.available_permits() + permits.len() < usable => {
                     let next =
                         tokio::time::timeout_at(gather_until, Arc::clone(&slots).acquire_owned());
                     match next.await {
@@ -332,51 +374,12 @@ async fn claim_loop(
         for (lease, permit) in leases.into_iter().zip(permits) {
             lock(&shared.running).insert(lease.job_id, (lease, None));
             let shared = Arc::clone(&shared);
-            let mut slot = Slot::running(permit, Arc::clone(&finishing));
+            let mut slot = Slot::claimed(permit, Arc::clone(&shared.capacity));
             jobs.spawn(async move {
                 run::run_job(&shared, lease, &mut slot).await;
                 lock(&shared.running).remove(&lease.job_id);
                 drop(slot);
             });
-        }
-    }
-}
-
-/// What a job holds of the worker's capacity: a running slot while its handler runs, then a
-/// finishing one while its outcome is written (bounded too, so outcomes cannot pile up while
-/// the backend is slow).
-pub(crate) struct Slot {
-    held: Held,
-    finishing: Arc<Semaphore>,
-}
-
-/// The permit a job holds, released when the job is dropped.
-enum Held {
-    Running {
-        _permit: tokio::sync::OwnedSemaphorePermit,
-    },
-    Finishing {
-        _permit: tokio::sync::OwnedSemaphorePermit,
-    },
-}
-
-impl Slot {
-    fn running(permit: tokio::sync::OwnedSemaphorePermit, finishing: Arc<Semaphore>) -> Self {
-        Self {
-            held: Held::Running { _permit: permit },
-            finishing,
-        }
-    }
-
-    /// The handler has returned: trades the running slot for a finishing one (waiting for one
-    /// if as many jobs are finishing already), so the claimer can start another job.
-    pub(crate) async fn handler_done(&mut self) {
-        if matches!(self.held, Held::Finishing { .. }) {
-            return;
-        }
-        // The semaphore is never closed; should it be, the job keeps its running slot.
-        if let Ok(permit) = Arc::clone(&self.finishing).acquire_owned().await {
-            self.held = Held::Finishing { _permit: permit };
         }
     }
 }

@@ -118,7 +118,6 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         );
         return finish_start_failure(shared, lease, job, error).await;
     }
-    let now = Utc::now();
     let Some(handler) = shared.handlers.get(&job.kind).cloned() else {
         // Another worker may have this kind's handler (workers of a fleet can differ): give the
         // job back as it is rather than fail it.
@@ -138,7 +137,14 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         let error = JobError::internal("the worker running the last attempt was lost");
         return finish_start_failure(shared, lease, job, error).await;
     }
-    if job.start(lease.token, now).is_err() {
+    if !slot.start(&shared.stopping).await {
+        // Claimed ahead, and no handler slot came free in time (or the worker is stopping):
+        // another worker may run it sooner.
+        tracing::debug!("no handler slot in time for a job claimed ahead; giving it back");
+        persist(shared, || queue.requeue(&lease, Duration::ZERO)).await?;
+        return Ok(());
+    }
+    if job.start(lease.token, Utc::now()).is_err() {
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
     }
