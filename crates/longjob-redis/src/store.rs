@@ -117,9 +117,13 @@ return ''
     ))
 });
 
-/// Compare-and-set writes of many jobs. ARGV: base, retention ms, then per write 6 values:
-/// id, json, expected version, token, terminal, finished µs. Returns 3 values per write:
-/// 'ok'|'missing'|'conflict'|'fenced', the stored version and the stored token.
+/// Compare-and-set writes of many jobs. ARGV: base, retention ms, then per write 7 values:
+/// id, json, expected version, the version it writes, token, terminal, finished µs. Returns 3
+/// values per write: 'ok'|'missing'|'conflict'|'fenced', the stored version and the stored
+/// token.
+///
+/// Versions are compared as the decimal strings both sides write, and the new one comes from
+/// the client: no number is parsed or formatted for them in Lua.
 ///
 /// Jobs finishing in the batch join the finished index in one `ZADD` and leave their owners'
 /// active sets in one `SREM` per owner, at the end (Lua's cost is per call, not per member).
@@ -136,33 +140,33 @@ local function flush()
   end
   finished, leaving = {{}}, {{}}
 end
-for i = 3, #ARGV, 6 do
+for i = 3, #ARGV, 7 do
   local id = ARGV[i]
   local jobkey = base .. 'job:' .. id
   local cur = redis.call('HMGET', jobkey, 'v', 't', 'o', 'f')
   if not cur[1] then
     out[#out + 1] = 'missing'; out[#out + 1] = '0'; out[#out + 1] = '0'
-  elseif tonumber(cur[1]) ~= tonumber(ARGV[i + 2]) then
+  elseif cur[1] ~= ARGV[i + 2] then
     out[#out + 1] = 'conflict'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
-  elseif tonumber(ARGV[i + 3]) < tonumber(cur[2]) then
+  elseif tonumber(ARGV[i + 4]) < tonumber(cur[2]) then
     out[#out + 1] = 'fenced'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
   else
-    redis.call('HSET', jobkey, 'j', ARGV[i + 1], 'v', tonumber(ARGV[i + 2]) + 1, 't', ARGV[i + 3], 'f', ARGV[i + 4])
+    redis.call('HSET', jobkey, 'j', ARGV[i + 1], 'v', ARGV[i + 3], 't', ARGV[i + 4], 'f', ARGV[i + 5])
     local was = cur[4] or ''
-    if ARGV[i + 4] == '1' then
+    if ARGV[i + 5] == '1' then
       if was ~= '1' then
         local ids = leaving[cur[3]] or {{}}
         ids[#ids + 1] = id
         leaving[cur[3]] = ids
       end
-      finished[#finished + 1] = ARGV[i + 5]
+      finished[#finished + 1] = ARGV[i + 6]
       finished[#finished + 1] = id
       redis.call('PEXPIRE', jobkey, retention)
     elseif was ~= '0' then
       -- Rare (a finished job queued again): write what is pending first, so a job's index
       -- changes stay in the order of its writes.
       flush()
-      index(base, jobkey, id, cur[3], '0', ARGV[i + 5], retention, was)
+      index(base, jobkey, id, cur[3], '0', ARGV[i + 6], retention, was)
     end
     out[#out + 1] = 'ok'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
   end
@@ -426,6 +430,7 @@ async fn update_many(
         inv.arg(job.id.to_string())
             .arg(encode(&next)?)
             .arg(job.version.to_string())
+            .arg(next.version.to_string())
             .arg(job.lease_token.to_string())
             .arg(terminal(job))
             .arg(finished_micros(job));
