@@ -719,6 +719,22 @@ async fn the_next_job_starts_while_the_last_ones_outcome_is_written() {
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
 }
 
+/// A facade over a fresh counting queue and a store whose reads take a remote store's time
+/// (1 ms of tokio's clock): claiming ahead hides such reads, not an in-process store's.
+fn on_remote_store() -> (Arc<CountingQueue>, LongJob) {
+    let queue = Arc::new(CountingQueue::new());
+    let store = TestStore {
+        read_delay: Duration::from_millis(1),
+        ..TestStore::default()
+    };
+    let lj = LongJob::builder()
+        .store(Arc::new(store))
+        .queue(queue.clone())
+        .config(config(1))
+        .build();
+    (queue, lj)
+}
+
 /// Runs a worker of one slot on `lj` whose `quick` jobs return at once and whose `slow` ones
 /// take 10 s; counts the handlers running (most at once in `peak`).
 fn one_slot_worker(
@@ -754,7 +770,7 @@ fn one_slot_worker(
 /// handlers run), never more handlers at once than the concurrency, and no job goes back.
 #[tokio::test(start_paused = true)]
 async fn jobs_are_claimed_ahead_while_handlers_are_short() {
-    let (queue, lj) = on_counting_queue(true);
+    let (queue, lj) = on_remote_store();
     let mut ids = Vec::new();
     for _ in 0..40 {
         ids.push(submit(&lj, "quick", &[]).await);
@@ -784,7 +800,7 @@ async fn jobs_are_claimed_ahead_while_handlers_are_short() {
 /// worker does not claim it (or any other) ahead again, so nothing churns.
 #[tokio::test(start_paused = true)]
 async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
-    let (queue, lj) = on_counting_queue(true);
+    let (queue, lj) = on_remote_store();
     let peak = Arc::new(AtomicUsize::new(0));
     let mut cfg = worker_config();
     cfg.claim_gather = Duration::ZERO;
@@ -816,10 +832,31 @@ async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
     wait_state(&lj, slow, JobState::Completed).await;
 }
 
+/// Reads from an in-process store are not worth hiding: however short the handlers, nothing
+/// is claimed ahead of them.
+#[tokio::test(start_paused = true)]
+async fn nothing_is_claimed_ahead_of_an_in_process_store() {
+    let (queue, lj) = on_counting_queue(true);
+    let worker = one_slot_worker(&lj, worker_config(), &Arc::new(AtomicUsize::new(0)));
+    for _ in 0..3 {
+        let id = submit(&lj, "quick", &[]).await;
+        wait_state(&lj, id, JobState::Completed).await;
+    }
+    let slow = submit(&lj, "slow", &[]).await;
+    wait_state(&lj, slow, JobState::Running).await;
+    let waiting = submit(&lj, "quick", &[]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(worker.running(), 1, "a job was claimed ahead");
+    assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
+    wait_state(&lj, waiting, JobState::Completed).await;
+    assert_eq!(queue.requeues.load(Ordering::SeqCst), 0);
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
 /// A graceful shutdown gives a job claimed ahead back at once, its attempt not counted.
 #[tokio::test(start_paused = true)]
 async fn shutdown_gives_back_a_job_claimed_ahead() {
-    let (_queue, lj) = on_counting_queue(true);
+    let (_queue, lj) = on_remote_store();
     let peak = Arc::new(AtomicUsize::new(0));
     let mut cfg = worker_config();
     cfg.prefetch_wait = Duration::from_secs(60);
@@ -1008,16 +1045,19 @@ async fn a_fencing_token_older_than_the_jobs_fails_the_job_instead_of_losing_it(
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
-/// A store that performs the first completing write but loses its answer, as a store that dies
-/// between writing and answering.
+/// The in-memory store, decorated as tests need: reads that take `read_delay` of tokio's clock
+/// (a remote store's round trip), and with `lose_an_answer` the first completing write done
+/// but its answer lost (a store that dies between writing and answering).
 #[derive(Debug, Default)]
-struct LosesAnAnswer {
+struct TestStore {
     inner: MemoryJobStore,
+    read_delay: Duration,
+    lose_an_answer: bool,
     lost: AtomicBool,
 }
 
 #[async_trait]
-impl longjob_core::JobStore for LosesAnAnswer {
+impl longjob_core::JobStore for TestStore {
     async fn insert(
         &self,
         job: &longjob_core::Job,
@@ -1026,11 +1066,17 @@ impl longjob_core::JobStore for LosesAnAnswer {
         self.inner.insert(job, ttl).await
     }
     async fn get(&self, id: JobId) -> BackendResult<Option<longjob_core::Job>> {
+        if !self.read_delay.is_zero() {
+            tokio::time::sleep(self.read_delay).await;
+        }
         self.inner.get(id).await
     }
     async fn update(&self, job: &longjob_core::Job) -> BackendResult<longjob_core::Job> {
         let written = self.inner.update(job).await?;
-        if job.state == JobState::Completed && !self.lost.swap(true, Ordering::SeqCst) {
+        if self.lose_an_answer
+            && job.state == JobState::Completed
+            && !self.lost.swap(true, Ordering::SeqCst)
+        {
             return Err(longjob_core::BackendError::Unavailable {
                 backend: "test",
                 message: "connection reset after the write".into(),
@@ -1077,7 +1123,10 @@ impl longjob_core::JobStore for LosesAnAnswer {
 #[tokio::test(start_paused = true)]
 async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_announced() {
     let lj = LongJob::builder()
-        .store(Arc::new(LosesAnAnswer::default()))
+        .store(Arc::new(TestStore {
+            lose_an_answer: true,
+            ..TestStore::default()
+        }))
         .config(config(3))
         .build();
     let worker = lj

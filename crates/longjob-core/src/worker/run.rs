@@ -89,7 +89,10 @@ async fn persist_update(shared: &Shared, job: &Job) -> Result<Job, BackendError>
 async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), BackendError> {
     let lj = &shared.lj;
     let queue = lj.queue();
-    let Some(mut job) = persist(shared, || lj.store().get(lease.job_id)).await? else {
+    let reading = Instant::now();
+    let read = persist(shared, || lj.store().get(lease.job_id)).await?;
+    shared.capacity.job_read(reading.elapsed());
+    let Some(mut job) = read else {
         tracing::warn!("leased job is not in the store; dropping it");
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
