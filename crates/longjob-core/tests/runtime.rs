@@ -766,6 +766,21 @@ fn one_slot_worker(
         .start()
 }
 
+/// On a worker from [`one_slot_worker`]: runs three quick jobs one at a time (so its handlers
+/// look short), then a slow one, and submits a quick job while the slow one runs. Returns the
+/// slow job and the quick one, 20 ms after the quick one was submitted.
+async fn a_quick_job_behind_a_slow_one(lj: &LongJob) -> (JobId, JobId) {
+    for _ in 0..3 {
+        let id = submit(lj, "quick", &[]).await;
+        wait_state(lj, id, JobState::Completed).await;
+    }
+    let slow = submit(lj, "slow", &[]).await;
+    wait_state(lj, slow, JobState::Running).await;
+    let waiting = submit(lj, "quick", &[]).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    (slow, waiting)
+}
+
 /// While handlers are short, jobs are claimed ahead of free slots (more leases held than
 /// handlers run), never more handlers at once than the concurrency, and no job goes back.
 #[tokio::test(start_paused = true)]
@@ -805,15 +820,7 @@ async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
     let mut cfg = worker_config();
     cfg.claim_gather = Duration::ZERO;
     let first = one_slot_worker(&lj, cfg.clone(), &peak);
-    // Short jobs first, one at a time, so claiming ahead pays.
-    for _ in 0..3 {
-        let id = submit(&lj, "quick", &[]).await;
-        wait_state(&lj, id, JobState::Completed).await;
-    }
-    let slow = submit(&lj, "slow", &[]).await;
-    wait_state(&lj, slow, JobState::Running).await;
-    let waiting = submit(&lj, "quick", &[]).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (slow, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(first.running(), 2, "the quick job was not claimed ahead");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(queue.requeues.load(Ordering::SeqCst), 1, "jobs churn");
@@ -838,14 +845,7 @@ async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
 async fn nothing_is_claimed_ahead_of_an_in_process_store() {
     let (queue, lj) = on_counting_queue(true);
     let worker = one_slot_worker(&lj, worker_config(), &Arc::new(AtomicUsize::new(0)));
-    for _ in 0..3 {
-        let id = submit(&lj, "quick", &[]).await;
-        wait_state(&lj, id, JobState::Completed).await;
-    }
-    let slow = submit(&lj, "slow", &[]).await;
-    wait_state(&lj, slow, JobState::Running).await;
-    let waiting = submit(&lj, "quick", &[]).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (_, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(worker.running(), 1, "a job was claimed ahead");
     assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
     wait_state(&lj, waiting, JobState::Completed).await;
@@ -861,12 +861,7 @@ async fn shutdown_gives_back_a_job_claimed_ahead() {
     let mut cfg = worker_config();
     cfg.prefetch_wait = Duration::from_secs(60);
     let worker = one_slot_worker(&lj, cfg, &peak);
-    let quick = submit(&lj, "quick", &[]).await;
-    wait_state(&lj, quick, JobState::Completed).await;
-    let slow = submit(&lj, "slow", &[]).await;
-    wait_state(&lj, slow, JobState::Running).await;
-    let waiting = submit(&lj, "quick", &[]).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (slow, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(worker.running(), 2, "the quick job was not claimed ahead");
     worker.shutdown(Duration::from_secs(30)).await;
     wait_state(&lj, slow, JobState::Completed).await;
