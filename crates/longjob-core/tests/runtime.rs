@@ -346,7 +346,17 @@ async fn a_kind_without_a_handler_is_warned_about_once_not_at_every_offer() {
         .with_ansi(false)
         .with_writer(move || sink.clone())
         .finish();
+    // tracing caches each callsite's interest for the whole process, and while at most one
+    // dispatcher is registered it asks only the registering thread's subscriber: a sibling test
+    // reaching the same warning first, with none, would switch it off here too. With a second
+    // dispatcher registered, every registration asks all of them, this test's included.
+    let _anchor = tracing::Dispatch::new(
+        tracing_subscriber::fmt()
+            .with_writer(std::io::sink)
+            .finish(),
+    );
     let _guard = tracing::subscriber::set_default(subscriber);
+    tracing::callsite::rebuild_interest_cache();
     let lj = facade(config(3));
     let worker = lj
         .worker()
