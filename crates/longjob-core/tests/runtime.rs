@@ -746,16 +746,16 @@ fn on_remote_store() -> (Arc<CountingQueue>, LongJob) {
 }
 
 /// Runs a worker of one slot on `lj` whose `quick` jobs return at once and whose `slow` ones
-/// take 10 s; counts the handlers running (most at once in `peak`).
+/// take 10 s. Returns it and the most handlers it ran at once (counted as they start).
 fn one_slot_worker(
     lj: &LongJob,
     cfg: WorkerConfig,
-    peak: &Arc<AtomicUsize>,
-) -> longjob_core::WorkerHandle {
+) -> (longjob_core::WorkerHandle, Arc<AtomicUsize>) {
     let running = Arc::new(AtomicUsize::new(0));
+    let peak = Arc::new(AtomicUsize::new(0));
     let handler = |pause: Duration| {
         let running = Arc::clone(&running);
-        let peak = Arc::clone(peak);
+        let peak = Arc::clone(&peak);
         move |_, _: serde_json::Value| {
             let now = running.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(now, Ordering::SeqCst);
@@ -769,11 +769,13 @@ fn one_slot_worker(
     };
     let mut cfg = cfg;
     cfg.concurrency = 1;
-    lj.worker()
+    let worker = lj
+        .worker()
         .config(cfg)
         .handle("quick", handler(Duration::from_millis(1)))
         .handle("slow", handler(Duration::from_secs(10)))
-        .start()
+        .start();
+    (worker, peak)
 }
 
 /// On a worker from [`one_slot_worker`]: runs three quick jobs one at a time (so its handlers
@@ -800,8 +802,7 @@ async fn jobs_are_claimed_ahead_while_handlers_are_short() {
     for _ in 0..40 {
         ids.push(submit(&lj, "quick", &[]).await);
     }
-    let peak = Arc::new(AtomicUsize::new(0));
-    let worker = one_slot_worker(&lj, worker_config(), &peak);
+    let (worker, peak) = one_slot_worker(&lj, worker_config());
     let mut most_held = 0;
     while lj.store().get(ids[39]).await.unwrap().unwrap().state != JobState::Completed {
         most_held = most_held.max(worker.running());
@@ -826,17 +827,16 @@ async fn jobs_are_claimed_ahead_while_handlers_are_short() {
 #[tokio::test(start_paused = true)]
 async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
     let (queue, lj) = on_remote_store();
-    let peak = Arc::new(AtomicUsize::new(0));
     let mut cfg = worker_config();
     cfg.claim_gather = Duration::ZERO;
-    let first = one_slot_worker(&lj, cfg.clone(), &peak);
+    let (first, _) = one_slot_worker(&lj, cfg.clone());
     let (slow, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(first.running(), 2, "the quick job was not claimed ahead");
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(queue.requeues.load(Ordering::SeqCst), 1, "jobs churn");
     assert_eq!(first.running(), 1, "a job is held ahead of the slow one");
     assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
-    let second = one_slot_worker(&lj, cfg, &Arc::new(AtomicUsize::new(0)));
+    let (second, _) = one_slot_worker(&lj, cfg);
     let job = wait_state(&lj, waiting, JobState::Completed).await;
     assert_eq!(job.attempt, 1, "going back counted an attempt");
     assert_eq!(
@@ -854,7 +854,7 @@ async fn a_job_claimed_ahead_of_a_slow_handler_goes_back_to_the_queue() {
 #[tokio::test(start_paused = true)]
 async fn nothing_is_claimed_ahead_of_an_in_process_store() {
     let (queue, lj) = on_counting_queue(true);
-    let worker = one_slot_worker(&lj, worker_config(), &Arc::new(AtomicUsize::new(0)));
+    let (worker, _) = one_slot_worker(&lj, worker_config());
     let (_, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(worker.running(), 1, "a job was claimed ahead");
     assert_eq!(lj.queue().stats().await.unwrap().ready, 1);
@@ -867,10 +867,9 @@ async fn nothing_is_claimed_ahead_of_an_in_process_store() {
 #[tokio::test(start_paused = true)]
 async fn shutdown_gives_back_a_job_claimed_ahead() {
     let (_queue, lj) = on_remote_store();
-    let peak = Arc::new(AtomicUsize::new(0));
     let mut cfg = worker_config();
     cfg.prefetch_wait = Duration::from_secs(60);
-    let worker = one_slot_worker(&lj, cfg, &peak);
+    let (worker, _) = one_slot_worker(&lj, cfg);
     let (slow, waiting) = a_quick_job_behind_a_slow_one(&lj).await;
     assert_eq!(worker.running(), 2, "the quick job was not claimed ahead");
     worker.shutdown(Duration::from_secs(30)).await;

@@ -125,6 +125,7 @@ local function told_end(id)
   local key = base .. 'evl:' .. id
   local last = redis.call('LINDEX', key, -1)
   if not last then return nil end
+  -- JobEvent's field order (seq, then jobId, at, type); the kit's told-once case fails if it moves.
   local kind = string.match(last, '^,"jobId":"[^"]*","at":"[^"]*","type":"(%a+)"')
   if not terminal[kind] then return nil end
   local held = redis.call('LLEN', key) - 1

@@ -28,9 +28,10 @@ use super::WorkerConfig;
 const MOST_SLOTS: usize = 1 << 24;
 
 /// Jobs writing their outcome, per handler slot. Outcome writes are cheap and batched: the more
-/// of them in flight, the fewer backend calls per job (on Redis, N=40 000, C=50, P=0: 16.5k jobs/s
-/// with one per slot, 17.9k with two, 18.8k with four, 18.2k with eight). The bound keeps
-/// outcomes from piling up without limit while the backend is slow.
+/// of them in flight, the fewer backend calls per job (on Redis, N=40 000, C=50, P=0, medians of
+/// three runs: 16.5k jobs/s with one per slot, 17.9k with two, 18.8k with four; in a second
+/// round, four 17.8k and eight 18.2k, within the noise). The bound keeps outcomes from piling
+/// up without limit while the backend is slow.
 const FINISHING_PER_SLOT: usize = 4;
 
 /// Claiming ahead hides a job's claim and read; it pays only when they take at least this long

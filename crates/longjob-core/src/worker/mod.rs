@@ -168,7 +168,6 @@ impl WorkerBuilder {
 
     /// Starts the worker on the current tokio runtime.
     pub fn start(self) -> WorkerHandle {
-        let stop_claiming = CancellationToken::new();
         let shared = Arc::new(Shared {
             lj: self.lj,
             capacity: Arc::new(Capacity::new(&self.config)),
@@ -176,7 +175,7 @@ impl WorkerBuilder {
             handlers: self.handlers,
             running: Mutex::new(HashMap::new()),
             foreign_kinds: Mutex::new(std::collections::HashSet::new()),
-            stopping: stop_claiming.clone(),
+            stop_claiming: CancellationToken::new(),
         });
         let stop_all = CancellationToken::new();
         let mut tasks = JoinSet::new();
@@ -186,14 +185,9 @@ impl WorkerBuilder {
             tasks.spawn(purge_loop(Arc::clone(&shared), every, stop_all.clone()));
         }
         let jobs = Arc::new(tokio::sync::Mutex::new(JoinSet::new()));
-        let claimer = tokio::spawn(claim_loop(
-            Arc::clone(&shared),
-            stop_claiming.clone(),
-            Arc::clone(&jobs),
-        ));
+        let claimer = tokio::spawn(claim_loop(Arc::clone(&shared), Arc::clone(&jobs)));
         WorkerHandle {
             shared,
-            stop_claiming,
             stop_all,
             claimer,
             tasks,
@@ -213,15 +207,15 @@ pub(crate) struct Shared {
     pub(crate) foreign_kinds: Mutex<std::collections::HashSet<String>>,
     /// The worker's slots: claimed, running, finishing.
     pub(crate) capacity: Arc<Capacity>,
-    /// Cancelled when the worker stops claiming: jobs claimed ahead and not started go back.
-    pub(crate) stopping: CancellationToken,
+    /// Cancelled when the worker stops claiming (a graceful shutdown): the claim loop ends, and
+    /// jobs claimed ahead and not started go back.
+    pub(crate) stop_claiming: CancellationToken,
 }
 
 /// A running worker. Dropping it aborts its tasks without releasing leases (as a crash would);
 /// call [`shutdown`](Self::shutdown) to stop gracefully.
 pub struct WorkerHandle {
     shared: Arc<Shared>,
-    stop_claiming: CancellationToken,
     stop_all: CancellationToken,
     claimer: tokio::task::JoinHandle<()>,
     tasks: JoinSet<()>,
@@ -245,7 +239,7 @@ impl WorkerHandle {
     /// Stops claiming, lets running jobs finish within `grace`, then stops the rest and
     /// releases their leases (their jobs run again elsewhere, the interrupted attempt not counted).
     pub async fn shutdown(mut self, grace: Duration) {
-        self.stop_claiming.cancel();
+        self.shared.stop_claiming.cancel();
         let _ = (&mut self.claimer).await;
         let jobs = Arc::clone(&self.jobs);
         let mut jobs = jobs.lock().await;
@@ -298,11 +292,8 @@ fn backoff(failures: u32) -> Duration {
     ))
 }
 
-async fn claim_loop(
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>,
-) {
+async fn claim_loop(shared: Arc<Shared>, jobs: Arc<tokio::sync::Mutex<JoinSet<()>>>) {
+    let stop = &shared.stop_claiming;
     let config = &shared.config;
     let capacity = &shared.capacity;
     let slots = Arc::clone(&capacity.claims);

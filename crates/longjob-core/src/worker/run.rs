@@ -140,7 +140,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         let error = JobError::internal("the worker running the last attempt was lost");
         return finish_start_failure(shared, lease, job, error).await;
     }
-    if !slot.start(&shared.stopping).await {
+    if !slot.start(&shared.stop_claiming).await {
         // Claimed ahead, and no handler slot came free in time (or the worker is stopping):
         // another worker may run it sooner.
         tracing::debug!("no handler slot in time for a job claimed ahead; giving it back");
