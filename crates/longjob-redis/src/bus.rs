@@ -4,16 +4,16 @@
 //! - `evl:<id>`: the job's events, a list: its first element is the number of events trimmed
 //!   from its front (`0` until the list passes twice
 //!   [`RedisConfig::event_retention`](crate::RedisConfig), at least 64), then one element per
-//!   event, its JSON without `seq`, which the position gives: the element at index `i` has seq
-//!   `trimmed + i`. `RPUSHX`'s answer numbers a new event; the first element is read only for a
+//!   event, its JSON without `seq`, which the position gives, nor `jobId` (see [`crate::wire`]):
+//!   the element at index `i` has seq `trimmed + i`. `RPUSHX`'s answer numbers a new event; the first element is read only for a
 //!   list of more than 64 events, since a trimmed list always holds more.
 //! - `ev:<id>`: the stream that held a job's events before the list (a one-entry stream takes
 //!   4.7 KB, since Redis allocates a stream node of 4 KB up front, against about 200 bytes for a
 //!   list); a job whose events are already in one keeps it: ids `0-<seq>` (`XADD … 0-*`), or
 //!   `<seq>-0` with a counter key `ev:<id>:seq` in the oldest scheme;
 //! - channel `ev:<id>:live`: the events as published, for subscribers in every process: one
-//!   event's JSON, or, for several events of the job published together, the first one's seq,
-//!   then each event's JSON without its seq, one per line;
+//!   event's JSON without its job id, or, for several events of the job published together, the
+//!   first one's seq, then each event's body (as in the list), one per line;
 //! - channel `cancel`: cancel requests.
 //!
 //! After a job's terminal event, its events expire with the finished-job retention.
@@ -33,11 +33,7 @@ use redis::Script;
 use tokio::sync::broadcast;
 
 use crate::hub::{Live, Membership};
-use crate::{BACKEND, Redis, millis};
-
-/// The serialized event starts with this (`seq` is the first field of [`JobEvent`]); the script
-/// gets the rest, from the comma on, and puts the real sequence number in front.
-const SEQ_PLACEHOLDER: &str = "{\"seq\":0,";
+use crate::{BACKEND, Redis, millis, wire};
 
 /// Events read per page of a job's list (or old stream).
 const PAGE: usize = 500;
@@ -51,8 +47,8 @@ const LIST_FLOOR: usize = 64;
 /// stream cap for jobs still on a stream, then runs of consecutive events of one job, each as:
 /// job id, expiry ms of its last event (0: leave as is; -1: keep for good, for a job queued
 /// again, whose keys may be expiring after an earlier end; the events before it all leave the
-/// expiry as is), its number of events, then each event's JSON without its `{"seq":0` start (so
-/// from the comma on). Returns each event's seq.
+/// expiry as is), its number of events, then each event's body ([`crate::wire::body`]).
+/// Returns each event's seq.
 ///
 /// A run takes one `RPUSHX` and one `PUBLISH` however many events it holds (Lua's cost is per
 /// call): a run of one event is published as the event's JSON, a longer one as
@@ -125,8 +121,10 @@ local function told_end(id)
   local key = base .. 'evl:' .. id
   local last = redis.call('LINDEX', key, -1)
   if not last then return nil end
-  -- JobEvent's field order (seq, then jobId, at, type); the kit's told-once case fails if it moves.
-  local kind = string.match(last, '^,"jobId":"[^"]*","at":"[^"]*","type":"(%a+)"')
+  -- JobEvent's field order (seq, jobId, at, type), in a body without its jobId or, written by
+  -- an earlier version, with it; the kit's told-once case fails if the order moves.
+  local kind = string.match(last, '^,"at":"[^"]*","type":"(%a+)"')
+    or string.match(last, '^,"jobId":"[^"]*","at":"[^"]*","type":"(%a+)"')
   if not terminal[kind] then return nil end
   local held = redis.call('LLEN', key) - 1
   if held > {LIST_FLOOR} then return tonumber(redis.call('LINDEX', key, 0)) + held end
@@ -275,7 +273,7 @@ impl RedisProgressBus {
             })
             .await?;
         match listed {
-            Some(listed) => from_list(listed),
+            Some(listed) => from_list(job, listed),
             None => self.fetch_stream(job, after).await,
         }
     }
@@ -301,10 +299,11 @@ impl RedisProgressBus {
             let body = fields
                 .get(1)
                 .ok_or_else(|| BackendError::corrupt(BACKEND, "event entry without body"))?;
-            // Entries `0-<seq>` hold the event without its seq; earlier ones hold it whole.
-            let event: JobEvent = match id.strip_prefix("0-") {
-                Some(seq) => serde_json::from_str(&format!("{{\"seq\":{seq}{body}")),
-                None => serde_json::from_str(body),
+            // Entries `0-<seq>` hold the event's body; earlier ones hold it numbered.
+            let event = match id.strip_prefix("0-").map(str::parse) {
+                Some(Ok(seq)) => wire::decode(job, seq, body),
+                Some(Err(_)) => Err(format!("an entry id {id} without a seq")),
+                None => wire::decode_numbered(job, body),
             }
             .map_err(|e| BackendError::corrupt(BACKEND, format!("event {id}: {e}")))?;
             events.push_back(event);
@@ -333,7 +332,7 @@ impl RedisProgressBus {
 
 /// The events of a [`LIST_RANGE`] answer (the first one's seq, then the events without theirs),
 /// and whether the page was full.
-fn from_list(listed: Vec<String>) -> BackendResult<(VecDeque<JobEvent>, bool)> {
+fn from_list(job: JobId, listed: Vec<String>) -> BackendResult<(VecDeque<JobEvent>, bool)> {
     if listed.len() <= 1 {
         // Nothing after the seq asked for (the script then gives no first seq to read).
         return Ok((VecDeque::new(), false));
@@ -345,8 +344,7 @@ fn from_list(listed: Vec<String>) -> BackendResult<(VecDeque<JobEvent>, bool)> {
         .ok_or_else(|| BackendError::corrupt(BACKEND, "event list without a first seq"))?;
     let mut events = VecDeque::with_capacity(listed.len());
     for (seq, body) in (first..).zip(listed) {
-        let event = serde_json::from_str(&format!("{{\"seq\":{seq}{body}"))
-            .map_err(|e| BackendError::corrupt(BACKEND, format!("event {seq}: {e}")))?;
+        let event = wire::decode(job, seq, &body).map_err(|e| BackendError::corrupt(BACKEND, e))?;
         events.push_back(event);
     }
     let full = events.len() >= PAGE;
@@ -430,15 +428,7 @@ async fn publish_many(
     // expiry; a run's header (id, expiry, length) is written once its length is known.
     let mut runs: Vec<(JobId, i64, Vec<String>)> = Vec::new();
     for event in &events {
-        let mut body =
-            serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
-        if !body.starts_with(SEQ_PLACEHOLDER) {
-            return Err(BackendError::corrupt(
-                BACKEND,
-                "an event does not serialize with seq first",
-            ));
-        }
-        body.drain(..SEQ_PLACEHOLDER.len() - 1);
+        let body = wire::body(event)?;
         let expiry = if event.is_terminal() {
             i64::try_from(millis(config.finished_retention))
                 .unwrap_or(i64::MAX)
@@ -521,7 +511,12 @@ impl ProgressBus for RedisProgressBus {
 
     async fn subscribe(&self, job: JobId, after_seq: u64) -> BackendResult<EventStream> {
         // Join the live channel first, then read the retained events: nothing falls in between.
-        let (live, membership) = self.redis.shared.hub.join(&self.key(job, ":live")).await?;
+        let (live, membership) = self
+            .redis
+            .shared
+            .hub
+            .join(&self.key(job, ":live"), job)
+            .await?;
         let subscription = Subscription {
             bus: self.clone(),
             job,

@@ -17,7 +17,7 @@ use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, PushInfo, PushKind, Value};
 use tokio::sync::{Notify, broadcast};
 
-use crate::{BACKEND, Keys, RedisConfig, map_err};
+use crate::{BACKEND, Keys, RedisConfig, map_err, wire};
 
 /// Live events buffered per job before a slow subscriber counts as lagging (it then refills
 /// from the job's retained events).
@@ -33,6 +33,8 @@ pub(crate) enum Live {
 }
 
 struct JobChannel {
+    /// The job whose events the channel carries (its messages leave out the job id).
+    job: JobId,
     tx: broadcast::Sender<Live>,
     subscribers: usize,
     subscribed: bool,
@@ -65,16 +67,14 @@ fn text(v: &Value) -> Option<&[u8]> {
     }
 }
 
-/// The events of a job channel's message: one event's JSON, or (several events published
-/// together) the first one's seq, then each event's JSON without its seq, all on their own line.
-/// JSON never holds a raw line break.
-fn decode_events(payload: &[u8]) -> Result<Vec<JobEvent>, String> {
-    if payload.first() == Some(&b'{') {
-        return serde_json::from_slice(payload)
-            .map(|event| vec![event])
-            .map_err(|e| e.to_string());
-    }
+/// The events of `job` in a message of its channel: one event numbered (`{"seq":<n>` then its
+/// body, see [`crate::wire`]), or (several events published together) the first one's seq, then
+/// each event's body, all on their own line. JSON never holds a raw line break.
+fn decode_events(job: JobId, payload: &[u8]) -> Result<Vec<JobEvent>, String> {
     let text = std::str::from_utf8(payload).map_err(|e| e.to_string())?;
+    if text.starts_with('{') {
+        return wire::decode_numbered(job, text).map(|event| vec![event]);
+    }
     let mut lines = text.split('\n');
     let first: u64 = lines
         .next()
@@ -82,9 +82,7 @@ fn decode_events(payload: &[u8]) -> Result<Vec<JobEvent>, String> {
         .ok_or("a message of several events without a first seq")?;
     (first..)
         .zip(lines)
-        .map(|(seq, body)| {
-            serde_json::from_str(&format!("{{\"seq\":{seq}{body}")).map_err(|e| e.to_string())
-        })
+        .map(|(seq, body)| wire::decode(job, seq, body))
         .collect()
 }
 
@@ -118,7 +116,7 @@ impl Dispatch {
                     let Some(job) = jobs.get(channel) else {
                         return;
                     };
-                    match decode_events(payload) {
+                    match decode_events(job.job, payload) {
                         Ok(events) => {
                             for event in events {
                                 let _ = job.tx.send(Live::Event(event));
@@ -239,6 +237,7 @@ impl Hub {
     pub(crate) async fn join(
         self: &Arc<Self>,
         channel: &str,
+        job: JobId,
     ) -> BackendResult<(broadcast::Receiver<Live>, Membership)> {
         let mut slot = self.conn.lock().await;
         let (rx, needs_subscribe) = {
@@ -246,6 +245,7 @@ impl Hub {
             let entry = jobs
                 .entry(channel.to_owned())
                 .or_insert_with(|| JobChannel {
+                    job,
                     tx: broadcast::channel(LIVE_BUFFER).0,
                     subscribers: 0,
                     subscribed: false,
@@ -402,6 +402,7 @@ mod tests {
     use longjob_core::{EventPayload, JobEvent, JobId};
 
     use super::decode_events;
+    use crate::wire;
 
     #[test]
     fn decodes_one_event_or_several_published_together() {
@@ -412,18 +413,28 @@ mod tests {
             at,
             payload: EventPayload::Cancelled {},
         };
-        let json = |seq| serde_json::to_string(&event(seq)).unwrap_or_default();
-        assert_eq!(decode_events(json(7).as_bytes()), Ok(vec![event(7)]));
-
-        let body = |seq: u64| json(seq)[format!("{{\"seq\":{seq}").len()..].to_owned();
+        // The bus writes an event's body before it is numbered.
+        let body = |_seq: u64| wire::body(&event(0)).unwrap_or_default();
+        let one = format!("{{\"seq\":7{}", body(7));
+        assert_eq!(decode_events(job, one.as_bytes()), Ok(vec![event(7)]));
         let together = format!("7\n{}\n{}", body(7), body(8));
         assert_eq!(
-            decode_events(together.as_bytes()),
+            decode_events(job, together.as_bytes()),
+            Ok(vec![event(7), event(8)])
+        );
+
+        // As an earlier version published them: with the job id.
+        let json = |seq| serde_json::to_string(&event(seq)).unwrap_or_default();
+        assert_eq!(decode_events(job, json(7).as_bytes()), Ok(vec![event(7)]));
+        let with_id = |seq: u64| json(seq)[format!("{{\"seq\":{seq}").len()..].to_owned();
+        let together = format!("7\n{}\n{}", with_id(7), with_id(8));
+        assert_eq!(
+            decode_events(job, together.as_bytes()),
             Ok(vec![event(7), event(8)])
         );
 
         for bad in ["", "x\n,\"a\":1}", "7\n{", "{\"seq\":1"] {
-            assert!(decode_events(bad.as_bytes()).is_err(), "{bad:?}");
+            assert!(decode_events(job, bad.as_bytes()).is_err(), "{bad:?}");
         }
     }
 }

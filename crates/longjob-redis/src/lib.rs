@@ -41,6 +41,7 @@ mod conn;
 mod hub;
 mod queue;
 mod store;
+mod wire;
 
 use std::fmt;
 use std::sync::Arc;
