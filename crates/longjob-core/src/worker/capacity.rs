@@ -89,7 +89,8 @@ impl Capacity {
             && self.read_us.load(Ordering::Relaxed) >= micros(ROUND_TRIP_WORTH_HIDING)
     }
 
-    /// Takes a handler's run time into its moving average.
+    /// Takes the time a job held its handler slot into the moving average: its start write
+    /// as well as its handler, since that whole time is what a job claimed ahead waits on.
     fn handler_ran(&self, took: Duration) {
         average_in(&self.recent_us, took, u64::MAX);
         if took < self.prefetch_wait {
