@@ -18,20 +18,18 @@ const WITH_JOB_ID: &str = ",\"jobId\":";
 /// `event` as Redis keeps it: its JSON from the comma after its job id on.
 pub(crate) fn body(event: &JobEvent) -> BackendResult<String> {
     let mut json = serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
-    let id = event.job_id.to_string();
+    let head = format!("{SEQ_ZERO}{}\"", event.job_id);
     // `{"seq":0,"jobId":"<id>"`, then the comma the body starts with.
-    let head = SEQ_ZERO.len() + id.len() + 1;
-    let starts_as_expected = json.starts_with(SEQ_ZERO)
-        && json[SEQ_ZERO.len()..].starts_with(&id)
-        && json.get(head - 1..head) == Some("\"")
-        && json.get(head..).is_some_and(|b| b.starts_with(','));
+    let starts_as_expected = json
+        .strip_prefix(head.as_str())
+        .is_some_and(|b| b.starts_with(','));
     if !starts_as_expected {
         return Err(BackendError::corrupt(
             BACKEND,
             "an event does not serialize with seq 0 and its job id first",
         ));
     }
-    json.drain(..head);
+    json.drain(..head.len());
     Ok(json)
 }
 
