@@ -5,8 +5,9 @@
 //!   from its front (`0` until the list passes twice
 //!   [`RedisConfig::event_retention`](crate::RedisConfig), at least 64), then one element per
 //!   event, its JSON without `seq`, which the position gives, nor `jobId` (see [`crate::wire`]):
-//!   the element at index `i` has seq `trimmed + i`. `RPUSHX`'s answer numbers a new event; the first element is read only for a
-//!   list of more than 64 events, since a trimmed list always holds more.
+//!   the element at index `i` has seq `trimmed + i`. `RPUSHX`'s answer numbers a new event;
+//!   the first element is read only for a list of more than 64 events, since a trimmed list
+//!   always holds more.
 //! - `ev:<id>`: the stream that held a job's events before the list (a one-entry stream takes
 //!   4.7 KB, since Redis allocates a stream node of 4 KB up front, against about 200 bytes for a
 //!   list); a job whose events are already in one keeps it: ids `0-<seq>` (`XADD … 0-*`), or
@@ -305,7 +306,7 @@ impl RedisProgressBus {
                 Some(Err(_)) => Err(format!("an entry id {id} without a seq")),
                 None => wire::decode_numbered(job, body),
             }
-            .map_err(|e| BackendError::corrupt(BACKEND, format!("event {id}: {e}")))?;
+            .map_err(|e| BackendError::corrupt(BACKEND, e))?;
             events.push_back(event);
         }
         Ok((events, full))

@@ -413,11 +413,11 @@ mod tests {
             at,
             payload: EventPayload::Cancelled {},
         };
-        // The bus writes an event's body before it is numbered.
-        let body = |_seq: u64| wire::body(&event(0)).unwrap_or_default();
-        let one = format!("{{\"seq\":7{}", body(7));
+        // The bus writes an event's body before it is numbered: the same for every seq.
+        let body = wire::body(&event(0)).unwrap_or_default();
+        let one = format!("{{\"seq\":7{body}");
         assert_eq!(decode_events(job, one.as_bytes()), Ok(vec![event(7)]));
-        let together = format!("7\n{}\n{}", body(7), body(8));
+        let together = format!("7\n{body}\n{body}");
         assert_eq!(
             decode_events(job, together.as_bytes()),
             Ok(vec![event(7), event(8)])
