@@ -1158,13 +1158,15 @@ async fn a_write_whose_answer_was_lost_is_recognised_and_the_outcome_still_annou
 }
 
 /// An in-memory bus, slowed down: the `processing` event takes 200 ms, and progress events wait
-/// while `progress_open` holds false. Counts the calls that carry progress events, and those
-/// that carry an outcome; with `lose_outcome_reply`, the first outcome is published but its
-/// caller gets a timeout, as when a reply is lost.
+/// while `progress_open` holds false. Counts the calls of `publish`, those of `publish_many`
+/// (`progress_calls`, with the `publish` calls of progress events), and those that carry an
+/// outcome; with `lose_outcome_reply`, the first outcome is published but its caller gets a
+/// timeout, as when a reply is lost.
 #[derive(Debug)]
 struct SlowBus {
     inner: MemoryProgressBus,
     progress_open: tokio::sync::watch::Sender<bool>,
+    single_calls: AtomicUsize,
     progress_calls: AtomicUsize,
     lose_outcome_reply: AtomicBool,
     outcome_calls: AtomicUsize,
@@ -1175,6 +1177,7 @@ impl SlowBus {
         Self {
             inner: MemoryProgressBus::default(),
             progress_open: tokio::sync::watch::Sender::new(progress_open),
+            single_calls: AtomicUsize::new(0),
             progress_calls: AtomicUsize::new(0),
             lose_outcome_reply: AtomicBool::new(false),
             outcome_calls: AtomicUsize::new(0),
@@ -1195,6 +1198,22 @@ impl SlowBus {
     }
 }
 
+impl SlowBus {
+    /// The answer to a call that published `published`, an outcome among them if `outcome`.
+    fn reply<T>(&self, outcome: bool, published: T) -> BackendResult<T> {
+        if outcome {
+            self.outcome_calls.fetch_add(1, Ordering::SeqCst);
+            if self.lose_outcome_reply.swap(false, Ordering::SeqCst) {
+                return Err(longjob_core::BackendError::Timeout {
+                    backend: "test",
+                    after: Duration::from_millis(1),
+                });
+            }
+        }
+        Ok(published)
+    }
+}
+
 #[async_trait]
 impl longjob_core::ProgressBus for SlowBus {
     async fn publish(
@@ -1203,21 +1222,13 @@ impl longjob_core::ProgressBus for SlowBus {
         payload: EventPayload,
     ) -> BackendResult<longjob_core::JobEvent> {
         self.delay(&payload).await;
+        self.single_calls.fetch_add(1, Ordering::SeqCst);
         if matches!(payload, EventPayload::Progress { .. }) {
             self.progress_calls.fetch_add(1, Ordering::SeqCst);
         }
-        if !payload.is_terminal() {
-            return self.inner.publish(job, payload).await;
-        }
-        self.outcome_calls.fetch_add(1, Ordering::SeqCst);
+        let outcome = payload.is_terminal();
         let published = self.inner.publish(job, payload).await?;
-        if self.lose_outcome_reply.swap(false, Ordering::SeqCst) {
-            return Err(longjob_core::BackendError::Timeout {
-                backend: "test",
-                after: Duration::from_millis(1),
-            });
-        }
-        Ok(published)
+        self.reply(outcome, published)
     }
     async fn publish_many(
         &self,
@@ -1228,7 +1239,9 @@ impl longjob_core::ProgressBus for SlowBus {
             self.delay(first).await;
         }
         self.progress_calls.fetch_add(1, Ordering::SeqCst);
-        self.inner.publish_many(job, payloads).await
+        let outcome = payloads.last().is_some_and(EventPayload::is_terminal);
+        let published = self.inner.publish_many(job, payloads).await?;
+        self.reply(outcome, published)
     }
     async fn subscribe(
         &self,
@@ -1318,18 +1331,27 @@ async fn progress_reports_do_not_wait_for_the_bus() {
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
-/// An outcome event whose publish is retried after its reply was lost is told once.
+/// An outcome event whose publish is retried after its reply was lost is told once: published
+/// alone, or with the `processing` event held for it (then retried alone).
 #[tokio::test]
 async fn an_outcome_published_again_after_a_lost_reply_is_told_once() {
+    for hold in [Duration::ZERO, WorkerConfig::default().start_event_hold] {
+        an_outcome_published_again_is_told_once(hold).await;
+    }
+}
+
+async fn an_outcome_published_again_is_told_once(hold: Duration) {
     let bus = Arc::new(SlowBus::new(true));
     bus.lose_outcome_reply.store(true, Ordering::SeqCst);
     let lj = LongJob::builder()
         .bus(bus.clone())
         .config(config(1))
         .build();
+    let mut cfg = worker_config();
+    cfg.start_event_hold = hold;
     let worker = lj
         .worker()
-        .config(worker_config())
+        .config(cfg)
         .handle("quick", |_, _: serde_json::Value| async move { Ok(None) })
         .start();
     let id = submit(&lj, "quick", &[]).await;
@@ -1356,7 +1378,7 @@ async fn an_outcome_published_again_after_a_lost_reply_is_told_once() {
     assert_eq!(
         seqs,
         [(1, "status"), (2, "status"), (3, "completed")],
-        "the job's retained events"
+        "the job's retained events, hold {hold:?}"
     );
     worker.shutdown(Duration::from_secs(1)).await;
 }
@@ -1381,5 +1403,94 @@ async fn progress_follows_the_processing_event_on_a_slow_bus() {
     let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
     let (names, _) = event_names(&mut events).await;
     assert_eq!(names, ["queued", "processing", "progress", "completed"]);
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A handler that returns within `start_event_hold` has its `processing` event, its progress
+/// and its outcome published in one call; with no hold, each goes out on its own.
+#[tokio::test]
+async fn a_short_jobs_events_go_out_with_its_outcome_in_one_call() {
+    for (hold, single, many) in [
+        (WorkerConfig::default().start_event_hold, 1, 1),
+        (Duration::ZERO, 3, 1),
+    ] {
+        let bus = Arc::new(SlowBus::new(true));
+        let lj = LongJob::builder()
+            .bus(bus.clone())
+            .config(config(1))
+            .build();
+        let mut cfg = worker_config();
+        cfg.start_event_hold = hold;
+        cfg.progress_interval = Duration::ZERO;
+        let worker = lj
+            .worker()
+            .config(cfg)
+            .handle("short", |ctx, _: serde_json::Value| async move {
+                ctx.progress(1, 2).await;
+                ctx.progress(2, 2).await;
+                Ok(None)
+            })
+            .start();
+        let id = submit(&lj, "short", &[]).await;
+        let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+        let (names, currents) = event_names(&mut events).await;
+        assert_eq!(
+            names,
+            ["queued", "processing", "progress", "progress", "completed"],
+            "hold {hold:?}"
+        );
+        assert_eq!(currents, [1, 2]);
+        // `publish` carried the submit's `queued` event (and, with no hold, `processing` and
+        // the outcome); `publish_many` the rest.
+        assert_eq!(
+            (
+                bus.single_calls.load(Ordering::SeqCst),
+                bus.progress_calls.load(Ordering::SeqCst)
+            ),
+            (single, many),
+            "publish and publish_many calls, hold {hold:?}"
+        );
+        worker.shutdown(Duration::from_secs(1)).await;
+    }
+}
+
+/// A handler still running when `start_event_hold` ends has its `processing` event published
+/// then, while it runs.
+#[tokio::test]
+async fn a_longer_jobs_processing_event_is_not_held_until_its_end() {
+    let lj = facade(config(1));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let worker = lj
+        .worker()
+        .config(worker_config())
+        .handle("long", {
+            let release = Arc::clone(&release);
+            move |_, _: serde_json::Value| {
+                let release = Arc::clone(&release);
+                async move {
+                    release.notified().await;
+                    Ok(None)
+                }
+            }
+        })
+        .start();
+    let id = submit(&lj, "long", &[]).await;
+    let (_, mut events) = lj.subscribe(id, OWNER, 0).await.unwrap();
+    // The handler waits for `release`: both events come while it runs.
+    let mut statuses = Vec::new();
+    while statuses.len() < 2 {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.next())
+            .await
+            .expect("the processing event came while the handler ran")
+            .expect("the stream goes on")
+            .unwrap();
+        if let EventPayload::Status { status, .. } = event.payload {
+            statuses.push(status);
+        }
+    }
+    assert_eq!(statuses, [JobState::Queued, JobState::Running]);
+    release.notify_one();
+    let (rest, _) = event_names(&mut events).await;
+    assert_eq!(rest, ["completed"]);
     worker.shutdown(Duration::from_secs(1)).await;
 }

@@ -50,9 +50,15 @@ pub(crate) struct ContextInner {
     pub(crate) progress_interval: Duration,
     pub(crate) flush_interval: Duration,
     pub(crate) started: Instant,
-    /// Fired (a one-shot latch) once the attempt's `processing` event is published or given up:
-    /// progress events wait for it, so they follow it whatever the bus.
+    /// Fired (a one-shot latch) once the attempt's `processing` event is published, given up,
+    /// or held for the outcome: progress events wait for it, so they follow it whatever the bus.
     pub(crate) start_announced: CancellationToken,
+    /// Fired once the handler has returned (or was stopped) and its last progress is queued.
+    pub(crate) handler_ended: CancellationToken,
+    /// The `processing` event, when the handler returned before it was published
+    /// ([`WorkerConfig::start_event_hold`](super::WorkerConfig::start_event_hold)): it goes out
+    /// with the queued progress events and the outcome, in one call.
+    pub(crate) held_start: Mutex<Option<EventPayload>>,
     /// The progress events on their way to the bus.
     pub(crate) progress_events: ProgressQueue,
     pub(crate) state: Mutex<Tracked>,
@@ -67,7 +73,8 @@ const PROGRESS_QUEUE: usize = 64;
 /// for a round trip. [`JobContext::send_progress`], polled by the attempt's own task next to
 /// the handler (no task of its own: no spawn, no wake-up from another thread), sends whatever
 /// has queued up in one [`publish_many`](crate::ProgressBus::publish_many), in order, after the
-/// `processing` event, until the queue is closed and drained; the outcome follows.
+/// `processing` event, until the queue is closed and drained; the outcome follows. When the
+/// `processing` event is held for the outcome, the queued events wait too, and go out with it.
 #[derive(Default)]
 pub(crate) struct ProgressQueue {
     state: Mutex<QueueState>,
@@ -282,6 +289,10 @@ impl JobContext {
     pub(crate) async fn send_progress(&self) {
         let queue = &self.inner.progress_events;
         self.inner.start_announced.cancelled().await;
+        if lock(&self.inner.held_start).is_some() {
+            // The handler is done and its events go out with the outcome.
+            return;
+        }
         loop {
             let queued = queue.queued.notified();
             tokio::pin!(queued);
@@ -318,6 +329,19 @@ impl JobContext {
         lock(&queue.state).closed = true;
         queue.queued.notify_one();
         queue.room.notify_waiters();
+    }
+
+    /// The events held back for the outcome (the `processing` event, then the progress events
+    /// queued behind it), or none when the `processing` event went out on its own.
+    pub(crate) fn take_held_events(&self) -> Vec<EventPayload> {
+        let Some(start) = lock(&self.inner.held_start).take() else {
+            return Vec::new();
+        };
+        let queued = std::mem::take(&mut lock(&self.inner.progress_events.state).events);
+        let mut events = Vec::with_capacity(queued.len() + 2);
+        events.push(start);
+        events.extend(queued);
+        events
     }
 
     /// Writes the tracked items and progress into `job`.

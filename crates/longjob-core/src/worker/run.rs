@@ -162,8 +162,8 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
     };
     tracing::info!(attempt = job.attempt, kind = %job.kind, "attempt started");
     // The `processing` event goes out while the handler starts, not before: one round trip
-    // less per job. The handler's progress events wait for it (`start_announced`), and so does
-    // the outcome.
+    // less per job; or, if the handler returns within `start_event_hold`, with the outcome.
+    // The handler's progress events wait for it (`start_announced`), and so does the outcome.
     let start_payload = EventPayload::status_of(&job);
 
     let timeout = lj.config().timeouts.job;
@@ -181,6 +181,8 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         flush_interval: shared.config.store_flush_interval,
         started,
         start_announced: tokio_util::sync::CancellationToken::new(),
+        handler_ended: tokio_util::sync::CancellationToken::new(),
+        held_start: Mutex::new(None),
         progress_events: super::context::ProgressQueue::default(),
         state: Mutex::new(Tracked {
             items: job.items.clone(),
@@ -209,12 +211,25 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         }
         // The outcome follows the progress events queued until now.
         ctx.close_progress();
+        ctx.inner().handler_ended.cancel();
         // The slot is free once the handler is, even before its `processing` event is out.
         slot.handler_done().await;
         outcome
     };
+    let hold = shared.config.start_event_hold;
     let start_event = async {
-        let _ = lj.bus().publish(job.id, start_payload).await;
+        // A handler that returns within the hold has its events go out with its outcome.
+        let held = !hold.is_zero()
+            && tokio::select! {
+                biased;
+                () = ctx.inner().handler_ended.cancelled() => true,
+                () = tokio::time::sleep(hold) => false,
+            };
+        if held {
+            *lock(&ctx.inner().held_start) = Some(start_payload);
+        } else {
+            let _ = lj.bus().publish(job.id, start_payload).await;
+        }
         ctx.inner().start_announced.cancel();
     };
     let ((), outcome, ()) = tokio::join!(start_event, run, ctx.send_progress());
@@ -259,6 +274,7 @@ async fn finish_start_failure(
                 return announce(
                     shared,
                     job.id,
+                    Vec::new(),
                     payload,
                     persist(shared, || lj.queue().ack(&lease)),
                 )
@@ -275,17 +291,33 @@ async fn finish_start_failure(
     Ok(())
 }
 
-/// Publishes an attempt's outcome while the lease is settled (acked or requeued): the two are
-/// independent, so they share one round trip's wait. The event is retried on transient errors,
-/// since a subscriber waits for it; failing that it is logged, the store holding the truth.
+/// Publishes an attempt's outcome, after the events `held` for it, while the lease is settled
+/// (acked or requeued): the two are independent, so they share one round trip's wait. The
+/// outcome is retried on transient errors, since a subscriber waits for it; failing that it is
+/// logged, the store holding the truth. The held events are sent once, with the outcome in one
+/// call: should that call fail, the outcome is retried alone, so that an outcome whose reply
+/// was lost is not told twice (a terminal event published alone after a terminal one is not
+/// added).
 async fn announce(
     shared: &Shared,
     job_id: crate::JobId,
+    held: Vec<EventPayload>,
     payload: EventPayload,
     settle: impl std::future::Future<Output = Result<bool, BackendError>>,
 ) -> Result<(), BackendError> {
+    let bus = shared.lj.bus();
     let publish = async {
-        if let Err(e) = persist(shared, || shared.lj.bus().publish(job_id, payload.clone())).await {
+        if !held.is_empty() {
+            let mut events = held;
+            events.push(payload.clone());
+            match bus.publish_many(job_id, events).await {
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::debug!(error = %e, "held events not published; retrying the outcome alone")
+                }
+            }
+        }
+        if let Err(e) = persist(shared, || bus.publish(job_id, payload.clone())).await {
             tracing::warn!(error = %e, "outcome event not published");
         }
     };
@@ -347,6 +379,7 @@ async fn conclude(
                 announce(
                     shared,
                     job.id,
+                    ctx.take_held_events(),
                     payload,
                     persist(shared, || queue.ack(&lease)),
                 )
@@ -375,6 +408,7 @@ async fn conclude(
                         announce(
                             shared,
                             job.id,
+                            ctx.take_held_events(),
                             payload,
                             persist(shared, || queue.requeue(&lease, delay)),
                         )
@@ -396,6 +430,7 @@ async fn conclude(
                         announce(
                             shared,
                             job.id,
+                            ctx.take_held_events(),
                             payload,
                             persist(shared, || queue.ack(&lease)),
                         )
@@ -432,6 +467,7 @@ async fn release(shared: &Shared, lease: Lease, ctx: &JobContext) -> Result<(), 
         announce(
             shared,
             job.id,
+            ctx.take_held_events(),
             payload,
             persist(shared, || lj.queue().requeue(&lease, Duration::ZERO)),
         )
