@@ -501,12 +501,17 @@ impl LongJob {
     }
 
     /// Submits many jobs at once, without idempotency keys or quotas, in as few backend round
-    /// trips as the backends allow (for bulk loads and benchmarks).
+    /// trips as the backends allow (for bulk loads and benchmarks). Each job gets its first
+    /// `status` event, as with [`submit`](Self::submit); if the jobs cannot be queued they are
+    /// marked failed, so none sits queued where no worker will see it.
     pub async fn submit_batch(
         &self,
         requests: Vec<SubmitRequest>,
     ) -> Result<Vec<Job>, LongJobError> {
-        let jobs: Vec<Job> = requests
+        use futures::StreamExt;
+        /// Events published at once (backends that gather calls send them in a few batches).
+        const PUBLISHING: usize = 1024;
+        let mut jobs: Vec<Job> = requests
             .into_iter()
             .map(|mut r| {
                 r.idempotency_key = None;
@@ -514,8 +519,24 @@ impl LongJob {
             })
             .collect::<Result<_, _>>()?;
         self.inner.store.insert_many(&jobs).await?;
+        for job in &mut jobs {
+            // As stored (`JobStore::insert`), so the caller and a later write see its version.
+            job.version = 1;
+        }
+        // Before the push: no worker holds these jobs yet, so `queued` comes first in their
+        // events whatever the timing.
+        futures::stream::iter(&jobs)
+            .for_each_concurrent(PUBLISHING, |job| {
+                self.publish(job, EventPayload::status_of(job))
+            })
+            .await;
         let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
-        self.inner.queue.push_many(&ids, Duration::ZERO).await?;
+        if let Err(e) = self.inner.queue.push_many(&ids, Duration::ZERO).await {
+            futures::stream::iter(&jobs)
+                .for_each_concurrent(PUBLISHING, |job| self.fail_unqueued(job.clone(), &e))
+                .await;
+            return Err(e.into());
+        }
         Ok(jobs)
     }
 

@@ -267,6 +267,58 @@ async fn a_job_that_cannot_be_queued_is_not_left_queued() {
     assert!(!report.is_healthy() && report.queue.is_err() && report.store.is_ok());
 }
 
+#[tokio::test]
+async fn jobs_of_a_batch_that_cannot_be_queued_are_not_left_queued() {
+    let lj = LongJob::builder()
+        .queue(Arc::new(DownQueue::default()))
+        .config(no_quota())
+        .build();
+    let err = lj
+        .submit_batch(vec![request("alice"), request("alice")])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, LongJobError::Backend(BackendError::Unavailable { .. })),
+        "{err:?}"
+    );
+    let jobs = lj.list("alice", 10).await.unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert!(
+        jobs.iter()
+            .all(|job| job.state == JobState::Failed && job.attempt == 0),
+        "{jobs:?}"
+    );
+}
+
+#[tokio::test]
+async fn jobs_of_a_batch_get_their_queued_event_as_single_ones_do() {
+    use futures::StreamExt;
+    let lj = facade(no_quota());
+    let single = lj.submit(request("alice")).await.unwrap().job.id;
+    let batch = lj
+        .submit_batch(vec![request("alice"), request("alice")])
+        .await
+        .unwrap();
+    for job in &batch {
+        assert_eq!(lj.status(job.id, "alice").await.unwrap(), *job, "as stored");
+    }
+    for id in std::iter::once(single).chain(batch.iter().map(|job| job.id)) {
+        let (_, mut events) = lj.subscribe(id, "alice", 0).await.unwrap();
+        let first = events.next().await.unwrap().unwrap();
+        assert_eq!(first.seq, 1);
+        assert!(
+            matches!(
+                first.payload,
+                longjob_core::EventPayload::Status {
+                    status: JobState::Queued,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_job_submitted_for_later_waits_for_its_time() {
     let lj = facade(no_quota());
