@@ -1407,7 +1407,8 @@ async fn progress_follows_the_processing_event_on_a_slow_bus() {
 }
 
 /// A handler that returns within `start_event_hold` has its `processing` event, its progress
-/// and its outcome published in one call; with no hold, each goes out on its own.
+/// and its outcome published in one call; with no hold, the `processing` event and the outcome
+/// go out on their own.
 #[tokio::test]
 async fn a_short_jobs_events_go_out_with_its_outcome_in_one_call() {
     for (hold, single, many) in [
