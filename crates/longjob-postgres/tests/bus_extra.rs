@@ -110,3 +110,46 @@ async fn many_events_of_one_job_in_a_batch_get_gapless_seqs_as_stored() {
         }
     }
 }
+
+/// A notification carries the event itself (`<job>:<seq>:<event JSON>`), so subscribers need
+/// not read the table: a notification the hub could not decode would only slow them down,
+/// which no delivery test would notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_notification_carries_the_event_as_published() {
+    let pg = common::backend().await;
+    let mut listener = sqlx::postgres::PgListener::connect(&common::database_url())
+        .await
+        .unwrap();
+    listener
+        .listen(&format!("{}__events", pg.schema()))
+        .await
+        .unwrap();
+    let job = JobId::new();
+    let payloads = [
+        EventPayload::Progress {
+            progress: longjob_core::Progress {
+                current: 1,
+                total: 3,
+                bytes_done: 10,
+                eta_ms: Some(5),
+            },
+        },
+        EventPayload::Failed {
+            error: JobError::internal("a \"quoted\" message, with: colons\nand a line"),
+            attempt: 2,
+        },
+    ];
+    let published = pg.bus().publish_many(job, payloads.to_vec()).await.unwrap();
+    for expected in published {
+        let notification = tokio::time::timeout(Duration::from_secs(10), listener.recv())
+            .await
+            .expect("notification in time")
+            .unwrap();
+        let (head, json) = notification
+            .payload()
+            .split_at(notification.payload().match_indices(':').nth(1).unwrap().0);
+        assert_eq!(head, format!("{job}:{}", expected.seq));
+        let event: longjob_core::JobEvent = serde_json::from_str(&json[1..]).unwrap();
+        assert_eq!(event, expected);
+    }
+}
