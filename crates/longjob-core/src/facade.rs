@@ -411,9 +411,10 @@ impl LongJob {
             .unwrap_or_default()
     }
 
-    /// Submits a job: stores it, queues it and publishes its first status event. With an
-    /// idempotency key the owner already used, returns that job instead (`created: false`).
-    /// Fails with [`LongJobError::QuotaExceeded`] past the owner's quotas.
+    /// Submits a job: stores it, publishes its first status event (`queued`) and queues it.
+    /// With an idempotency key the owner already used, returns that job instead
+    /// (`created: false`). Fails with [`LongJobError::QuotaExceeded`] past the owner's quotas;
+    /// a job stored but not queued (the queue failed) is marked failed, and the error returned.
     pub async fn submit(&self, request: SubmitRequest) -> Result<Submitted, LongJobError> {
         let config = &self.inner.config;
         if let Some(key) = &request.idempotency_key {
@@ -471,6 +472,9 @@ impl LongJob {
             }
             Inserted::New(job) => job,
         };
+        // Before the push: no worker holds the job yet, so `queued` comes first in its events
+        // whatever the timing.
+        self.publish(&job, EventPayload::status_of(&job)).await;
         if let Err(e) = self
             .inner
             .queue
@@ -481,7 +485,6 @@ impl LongJob {
             self.fail_unqueued(job.clone(), &e).await;
             return Err(e.into());
         }
-        self.publish(&job, EventPayload::status_of(&job)).await;
         Ok(Submitted { job, created: true })
     }
 
@@ -490,12 +493,18 @@ impl LongJob {
         // Queued → Running → Failed is the only path to Failed; the attempt is not counted.
         if job.start(job.lease_token, now).is_ok() {
             job.attempt = job.attempt.saturating_sub(1);
-            let _ = job.fail(
-                crate::JobError::internal(format!("could not be queued: {cause}")),
-                now,
-            );
-            if let Err(e) = self.inner.store.update(&job).await {
-                tracing::error!(job_id = %job.id, error = %e, "job stored but neither queued nor failed");
+            let error = crate::JobError::internal(format!("could not be queued: {cause}"));
+            let _ = job.fail(error.clone(), now);
+            match self.inner.store.update(&job).await {
+                // Its `queued` event is out: so is its end.
+                Ok(job) => {
+                    let attempt = job.attempt;
+                    self.publish(&job, EventPayload::Failed { error, attempt })
+                        .await;
+                }
+                Err(e) => {
+                    tracing::error!(job_id = %job.id, error = %e, "job stored but neither queued nor failed");
+                }
             }
         }
     }

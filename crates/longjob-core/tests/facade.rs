@@ -263,8 +263,94 @@ async fn a_job_that_cannot_be_queued_is_not_left_queued() {
         "a stored job no worker will see must not stay queued"
     );
     assert_eq!(jobs[0].attempt, 0);
+    assert_eq!(event_names(&lj, jobs[0].id).await, ["queued", "failed"]);
     let report = lj.health(Duration::from_secs(1)).await;
     assert!(!report.is_healthy() && report.queue.is_err() && report.store.is_ok());
+}
+
+/// The names of the job's retained events (statuses by their state), as far as they go.
+async fn event_names(lj: &LongJob, id: JobId) -> Vec<String> {
+    use futures::StreamExt;
+    let (_, mut events) = lj.subscribe(id, "alice", 0).await.unwrap();
+    let mut names = Vec::new();
+    while let Ok(Some(Ok(event))) =
+        tokio::time::timeout(Duration::from_millis(100), events.next()).await
+    {
+        names.push(match event.payload {
+            longjob_core::EventPayload::Status { status, .. } => status.to_string(),
+            other => other.type_name().to_owned(),
+        });
+    }
+    names
+}
+
+/// A queue that records, at each push, whether the job's `queued` event was out already.
+#[derive(Debug)]
+struct PushWitness {
+    inner: MemoryQueue,
+    bus: longjob_core::memory::MemoryProgressBus,
+    queued_first: std::sync::Mutex<Vec<bool>>,
+}
+
+#[async_trait]
+impl Queue for PushWitness {
+    async fn push(&self, job: JobId, delay: Duration) -> BackendResult<()> {
+        use futures::StreamExt;
+        use longjob_core::ProgressBus;
+        let mut events = self.bus.subscribe(job, 0).await?;
+        let first = tokio::time::timeout(Duration::from_millis(100), events.next()).await;
+        self.queued_first.lock().unwrap().push(matches!(
+            first,
+            Ok(Some(Ok(longjob_core::JobEvent {
+                payload: longjob_core::EventPayload::Status {
+                    status: JobState::Queued,
+                    ..
+                },
+                ..
+            })))
+        ));
+        self.inner.push(job, delay).await
+    }
+    async fn claim(&self, max: usize, ttl: Duration, wait: Duration) -> BackendResult<Vec<Lease>> {
+        self.inner.claim(max, ttl, wait).await
+    }
+    async fn extend(&self, leases: &[Lease], ttl: Duration) -> BackendResult<Vec<bool>> {
+        self.inner.extend(leases, ttl).await
+    }
+    async fn ack(&self, lease: &Lease) -> BackendResult<bool> {
+        self.inner.ack(lease).await
+    }
+    async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
+        self.inner.requeue(lease, delay).await
+    }
+    async fn stats(&self) -> BackendResult<QueueStats> {
+        self.inner.stats().await
+    }
+    async fn health(&self) -> BackendResult<()> {
+        self.inner.health().await
+    }
+}
+
+/// A job's `queued` event is out before any worker can take it (before its push), so it is
+/// its first event whatever the timing, submitted alone or in a batch.
+#[tokio::test]
+async fn the_queued_event_is_out_before_the_push() {
+    let bus = longjob_core::memory::MemoryProgressBus::default();
+    let queue = Arc::new(PushWitness {
+        inner: MemoryQueue::default(),
+        bus: bus.clone(),
+        queued_first: std::sync::Mutex::default(),
+    });
+    let lj = LongJob::builder()
+        .bus(Arc::new(bus))
+        .queue(queue.clone())
+        .config(no_quota())
+        .build();
+    lj.submit(request("alice")).await.unwrap();
+    lj.submit_batch(vec![request("alice"), request("alice")])
+        .await
+        .unwrap();
+    assert_eq!(*queue.queued_first.lock().unwrap(), [true, true, true]);
 }
 
 #[tokio::test]
@@ -288,6 +374,9 @@ async fn jobs_of_a_batch_that_cannot_be_queued_are_not_left_queued() {
             .all(|job| job.state == JobState::Failed && job.attempt == 0),
         "{jobs:?}"
     );
+    for job in &jobs {
+        assert_eq!(event_names(&lj, job.id).await, ["queued", "failed"]);
+    }
 }
 
 #[tokio::test]
