@@ -75,14 +75,15 @@ static PUBLISH_MANY: LazyLock<Script> = LazyLock::new(|| {
 local base, keep, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
 local out = {{}}
 
--- Appends ARGV[first..last] to the job's list; returns the first one's seq and the key.
+-- Appends ARGV[first..last] to the job's list; returns the first one's seq, the key, and
+-- whether the list is new (so it has no expiry to look at).
 local function list_append(id, first, last)
   local key = base .. 'evl:' .. id
   local n = redis.call('RPUSHX', key, unpack(ARGV, first, last))
   if n == 0 then
     if redis.call('EXISTS', base .. 'ev:' .. id) == 1 then return nil, nil end
     redis.call('RPUSH', key, '0', unpack(ARGV, first, last))
-    return 1, key
+    return 1, key, true
   end
   local held = n - 1
   local seq = held - (last - first)
@@ -135,7 +136,7 @@ end
 -- Appends a run (a job's events ARGV[first..last]), publishes it and adds their seqs to `out`.
 local function append_run(id, expiry, first, last)
   local channel = base .. 'ev:' .. id .. ':live'
-  local seq, key = list_append(id, first, last)
+  local seq, key, fresh = list_append(id, first, last)
   if seq then
     if first == last then
       redis.call('PUBLISH', channel, '{{"seq":' .. seq .. ARGV[first])
@@ -158,7 +159,7 @@ local function append_run(id, expiry, first, last)
   if expiry ~= '0' then
     if tonumber(expiry) > 0 then
       redis.call('PEXPIRE', key, expiry)
-    elseif redis.call('PTTL', key) >= 0 then
+    elseif not fresh and redis.call('PTTL', key) >= 0 then
       -- A manual retry after the job finished: keep its events again.
       redis.call('PERSIST', key)
     end
