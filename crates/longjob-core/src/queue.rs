@@ -17,6 +17,10 @@ pub struct Lease {
     pub job_id: JobId,
     /// The fencing token of this delivery.
     pub token: u64,
+    /// Whether the job comes back because an earlier lease on it expired (its worker was lost,
+    /// maybe while running it), rather than from a push. A worker records such a job's start
+    /// before running it, so a job that brings its workers down uses up its attempts.
+    pub redelivered: bool,
 }
 
 /// Sizes of a queue, for metrics.
@@ -39,7 +43,8 @@ pub struct QueueStats {
 ///   larger than any earlier token of that job. It never hands out a job before its due time.
 /// - A lease not extended within its time-to-live expires, and its job can be claimed again: a
 ///   crashed worker loses no job. Once that happens the old lease's `ack`, `extend` and
-///   `requeue` return `false`.
+///   `requeue` return `false`, and the job's next lease says
+///   [`redelivered`](Lease::redelivered); a lease of a pushed or requeued job does not.
 /// - `claim` waits up to `wait` when nothing is due, and is woken by new work rather than by
 ///   tight polling.
 #[async_trait]

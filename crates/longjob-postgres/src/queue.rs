@@ -131,18 +131,19 @@ impl Sql {
 }
 
 /// Claims up to `$1` due jobs for `$2` seconds (with `bound`, an extra condition on the due
-/// time); returns their ids, tokens and due times, earliest first.
+/// time); returns their ids, tokens, due times and whether each was leased (an expired lease,
+/// [`Lease::redelivered`]), earliest first.
 fn claim_sql(bound: &str) -> String {
     format!(
-        "WITH picked AS (SELECT job_id, available_at FROM {{s}}.queue \
+        "WITH picked AS (SELECT job_id, available_at, leased FROM {{s}}.queue \
            WHERE available_at <= now() {bound} ORDER BY available_at, job_id \
            LIMIT $1 FOR UPDATE SKIP LOCKED), \
          leased AS (UPDATE {{s}}.queue q SET leased = true, \
            token = nextval('{{s}}.lease_tokens'), \
            available_at = now() + make_interval(secs => $2) \
            FROM picked WHERE q.job_id = picked.job_id \
-           RETURNING q.job_id, q.token, picked.available_at AS due) \
-         SELECT job_id, token, due FROM leased ORDER BY due, job_id"
+           RETURNING q.job_id, q.token, picked.available_at AS due, picked.leased AS lost) \
+         SELECT job_id, token, due, lost FROM leased ORDER BY due, job_id"
     )
 }
 
@@ -223,7 +224,7 @@ impl PgQueue {
             let rest = max - rows.len() as i64;
             rows.extend(self.claim_rows(rest, ttl, None).await?);
         }
-        let next = match rows.iter().map(|(_, _, due)| *due).min() {
+        let next = match rows.iter().map(|(_, _, due, _)| *due).min() {
             Some(due) if rows.len() as i64 >= max => Some(ClaimFloor {
                 due,
                 since: match floor {
@@ -235,11 +236,12 @@ impl PgQueue {
         };
         *lock(&self.claim_floor) = next;
         rows.into_iter()
-            .map(|(id, token, _)| {
+            .map(|(id, token, _, lost)| {
                 Ok(Lease {
                     job_id: JobId::from_uuid(id),
                     token: u64::try_from(token)
                         .map_err(|_| BackendError::corrupt(BACKEND, "negative lease token"))?,
+                    redelivered: lost,
                 })
             })
             .collect()
@@ -250,7 +252,7 @@ impl PgQueue {
         max: i64,
         ttl: Duration,
         from: Option<DateTime<Utc>>,
-    ) -> BackendResult<Vec<(Uuid, i64, DateTime<Utc>)>> {
+    ) -> BackendResult<Vec<(Uuid, i64, DateTime<Utc>, bool)>> {
         let query = match from {
             Some(from) => sqlx::query_as(&self.sql.claim_from)
                 .bind(max)

@@ -6,6 +6,8 @@
 //! - `q:leased`: sorted set of leased job ids scored by lease expiry (ms);
 //! - `q:tokens`: hash job id → fencing token of its current lease;
 //! - `q:seq`: the fencing token counter (`INCR`, monotonic for the life of the data);
+//! - `q:lost`: set of waiting job ids whose last lease expired, until they are claimed again
+//!   (their leases say [`redelivered`](Lease::redelivered));
 //! - channel `q:wake`: published on every push, so waiting claimers wake at once.
 
 use std::sync::{Arc, LazyLock};
@@ -103,10 +105,11 @@ return #ARGV - 2
     ))
 });
 
-/// KEYS: waiting, leased, tokens, seq. ARGV: max, ttl ms.
-/// Reaps expired leases (their jobs wait again, due at their expiry), then leases up to `max`
-/// due jobs, oldest due first. Returns {ms until the next due job or lease expiry (-1: none, or
-/// not asked because jobs were claimed), id1, token1, id2, token2, ...}.
+/// KEYS: waiting, leased, tokens, seq, lost. ARGV: max, ttl ms.
+/// Reaps expired leases (their jobs wait again, due at their expiry, and join the lost set),
+/// then leases up to `max` due jobs, oldest due first. Returns {ms until the next due job or
+/// lease expiry (-1: none, or not asked because jobs were claimed), id1, token1, lost1, id2,
+/// token2, lost2, ...}, each lost flag '1' or '0'.
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
@@ -116,6 +119,7 @@ for i = 1, #expired, 2 do
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
   redis.call('ZADD', KEYS[1], expired[i + 1], id)
+  redis.call('SADD', KEYS[5], id)
 end
 local out = {{'-1'}}
 local max = tonumber(ARGV[1])
@@ -127,8 +131,16 @@ if max > 0 then
     local expires = tostring(now + tonumber(ARGV[2]))
     -- The ids are the waiting set's lowest-scored members: one call removes them all.
     redis.call('ZREMRANGEBYRANK', KEYS[1], 0, #ids - 1)
+    -- Lost jobs are rare: the set is looked into only when it holds any.
+    local any_lost = redis.call('SCARD', KEYS[5]) > 0
     for s = 1, #ids, CHUNK do
       local members, tokens = {{}}, {{}}
+      local lost = {{}}
+      if any_lost then
+        for i = s, math.min(s + CHUNK - 1, #ids) do
+          lost[i] = redis.call('SREM', KEYS[5], ids[i]) == 1
+        end
+      end
       for i = s, math.min(s + CHUNK - 1, #ids) do
         local id, token = ids[i], tostring(first + i)
         members[#members + 1] = expires
@@ -137,6 +149,7 @@ if max > 0 then
         tokens[#tokens + 1] = token
         out[#out + 1] = id
         out[#out + 1] = token
+        out[#out + 1] = lost[i] and '1' or '0'
       end
       redis.call('ZADD', KEYS[2], unpack(members))
       redis.call('HSET', KEYS[3], unpack(tokens))
@@ -258,6 +271,7 @@ pub struct RedisQueue {
     leased: String,
     tokens: String,
     seq: String,
+    lost: String,
     wake: String,
     acks: Arc<Batcher<Lease, bool>>,
 }
@@ -275,6 +289,7 @@ impl RedisQueue {
         Self {
             waiting: keys.key("q:waiting"),
             seq: keys.key("q:seq"),
+            lost: keys.key("q:lost"),
             wake: keys.key("q:wake"),
             leased,
             tokens,
@@ -320,6 +335,7 @@ impl RedisQueue {
             .key(&self.leased)
             .key(&self.tokens)
             .key(&self.seq)
+            .key(&self.lost)
             .arg(max)
             .arg(millis(lease_ttl).max(1));
         let out: Vec<String> = self
@@ -331,12 +347,13 @@ impl RedisQueue {
         let next: i64 = parse(out.next().as_deref())?;
         let next = u64::try_from(next).ok().map(Duration::from_millis);
         let mut leases = Vec::new();
-        while let (Some(id), Some(token)) = (out.next(), out.next()) {
+        while let (Some(id), Some(token), Some(lost)) = (out.next(), out.next(), out.next()) {
             leases.push(Lease {
                 job_id: id
                     .parse()
                     .map_err(|e| BackendError::corrupt(BACKEND, format!("queued id: {e}")))?,
                 token: parse(Some(&token))?,
+                redelivered: lost == "1",
             });
         }
         Ok((leases, next))

@@ -32,26 +32,39 @@ struct Inner {
 
 #[derive(Debug, Clone, Copy)]
 enum Entry {
-    Waiting { due: Instant, order: u64 },
-    Leased { expires: Instant, token: u64 },
+    /// `lost`: back from an expired lease (see [`Lease::redelivered`]).
+    Waiting {
+        due: Instant,
+        order: u64,
+        lost: bool,
+    },
+    Leased {
+        expires: Instant,
+        token: u64,
+    },
 }
 
 impl Inner {
     fn remove(&mut self, job: JobId) -> Option<Entry> {
         let entry = self.entries.remove(&job)?;
         match entry {
-            Entry::Waiting { due, order } => self.waiting.remove(&(due, order, job)),
+            Entry::Waiting { due, order, .. } => self.waiting.remove(&(due, order, job)),
             Entry::Leased { expires, token } => self.leases.remove(&(expires, token, job)),
         };
         Some(entry)
     }
 
     fn wait(&mut self, job: JobId, due: Instant) {
+        self.enter(job, due, false);
+    }
+
+    fn enter(&mut self, job: JobId, due: Instant, lost: bool) {
         self.remove(job);
         self.next_order += 1;
         let order = self.next_order;
         self.waiting.insert((due, order, job));
-        self.entries.insert(job, Entry::Waiting { due, order });
+        self.entries
+            .insert(job, Entry::Waiting { due, order, lost });
     }
 
     /// Expired leases become claimable at once.
@@ -60,7 +73,7 @@ impl Inner {
             if expires > now {
                 break;
             }
-            self.wait(job, expires);
+            self.enter(job, expires, true);
         }
     }
 
@@ -86,8 +99,13 @@ impl Inner {
             let token = self.next_token;
             let expires = now + ttl;
             self.leases.insert((expires, token, job));
-            self.entries.insert(job, Entry::Leased { expires, token });
-            leases.push(Lease { job_id: job, token });
+            let was = self.entries.insert(job, Entry::Leased { expires, token });
+            let redelivered = matches!(was, Some(Entry::Waiting { lost: true, .. }));
+            leases.push(Lease {
+                job_id: job,
+                token,
+                redelivered,
+            });
         }
         leases
     }

@@ -155,13 +155,14 @@ pub async fn concurrent_claimers_get_each_job_exactly_once(queue: &impl Queue) {
     assert!(seen.values().all(|n| *n == 1), "some job was claimed twice");
 }
 
-/// A lease that is not extended expires: the job is claimable again with a newer token, and the
-/// old lease can no longer ack, extend or requeue.
+/// A lease that is not extended expires: the job is claimable again with a newer token, marked
+/// redelivered (that once), and the old lease can no longer ack, extend or requeue.
 pub async fn expired_lease_makes_the_job_claimable_again(queue: &impl Queue) {
     let id = JobId::new();
     queue.push(id, Duration::ZERO).await.unwrap();
     let old = queue.claim(1, SHORT_LEASE, NO_WAIT).await.unwrap();
     assert_eq!(old.len(), 1);
+    assert!(!old[0].redelivered, "a pushed job is not redelivered");
     assert!(
         claim_all(queue, 1).await.is_empty(),
         "a live lease must not be claimable"
@@ -177,10 +178,18 @@ pub async fn expired_lease_makes_the_job_claimable_again(queue: &impl Queue) {
     assert_eq!(new.len(), 1, "the expired job must be claimable again");
     assert_eq!(new[0].job_id, id);
     assert!(new[0].token > old[0].token, "the new token must be larger");
+    assert!(
+        new[0].redelivered,
+        "a job back from an expired lease is redelivered"
+    );
     assert!(!queue.ack(&old[0]).await.unwrap());
     assert_eq!(queue.extend(&old, LONG_LEASE).await.unwrap(), [false]);
     assert!(!queue.requeue(&old[0], Duration::ZERO).await.unwrap());
-    assert!(queue.ack(&new[0]).await.unwrap());
+    assert!(queue.requeue(&new[0], Duration::ZERO).await.unwrap());
+    let again = claim_all(queue, 1).await;
+    assert_eq!(again.len(), 1);
+    assert!(!again[0].redelivered, "a requeued job is not redelivered");
+    assert!(queue.ack(&again[0]).await.unwrap());
 }
 
 /// Extending a batch keeps every held lease alive past its first time-to-live, answering per
@@ -251,6 +260,7 @@ pub async fn requeue_delays_and_issues_a_newer_token(queue: &impl Queue) {
     .await;
     assert_eq!(second.job_id, id);
     assert!(second.token > first.token);
+    assert!(!second.redelivered);
     assert!(!queue.ack(&first).await.unwrap());
 }
 
@@ -273,6 +283,10 @@ pub async fn push_of_a_leased_job_revokes_the_lease(queue: &impl Queue) {
     let new = claim_all(queue, 1).await;
     assert_eq!(new.len(), 1);
     assert!(new[0].token > old.token);
+    assert!(
+        !new[0].redelivered,
+        "a revoked lease's job is pushed, not redelivered"
+    );
     assert!(!queue.ack(&old).await.unwrap());
     assert!(queue.ack(&new[0]).await.unwrap());
 }
