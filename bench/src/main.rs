@@ -52,9 +52,9 @@ struct Args {
     /// How long the claimer gathers freed slots, in ms (`--claim-gather MS`,
     /// `WorkerConfig::claim_gather`); `None` keeps the default.
     claim_gather_ms: Option<u64>,
-    /// How long a job's `processing` event waits for its end, in ms (`--start-event-hold MS`,
-    /// `WorkerConfig::start_event_hold`); `None` keeps the default.
-    start_event_hold_ms: Option<u64>,
+    /// How long a job's `processing` event waits for its end, in ms (`--start-hold MS`,
+    /// `WorkerConfig::start_hold`); `None` keeps the default.
+    start_hold_ms: Option<u64>,
 }
 
 fn env_or(name: &str, default: &str) -> String {
@@ -67,7 +67,7 @@ fn env_or(name: &str, default: &str) -> String {
 fn usage() -> ExitCode {
     eprintln!(
         "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--claim-gather MS] [--start-event-hold MS] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--claim-gather MS] [--start-hold MS] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
          backends available in this build: memory, redis, postgres"
     );
     ExitCode::from(2)
@@ -92,7 +92,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
         batch_in_flight: None,
         claim_batch: None,
         claim_gather_ms: None,
-        start_event_hold_ms: None,
+        start_hold_ms: None,
     };
     while let Some(flag) = argv.next() {
         if flag == "--peers" {
@@ -116,7 +116,7 @@ fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
             "--batch-in-flight" => args.batch_in_flight = Some(number()?.max(1) as usize),
             "--claim-batch" => args.claim_batch = Some(number()?.max(1) as usize),
             "--claim-gather" => args.claim_gather_ms = Some(number()?),
-            "--start-event-hold" => args.start_event_hold_ms = Some(number()?),
+            "--start-hold" => args.start_hold_ms = Some(number()?),
             "--notify" => {
                 args.notify = match value.as_str() {
                     "on" => true,
@@ -267,8 +267,8 @@ async fn run(args: &Args, lj: &LongJob) -> Result<serde_json::Value, String> {
     if let Some(ms) = args.claim_gather_ms {
         worker_config.claim_gather = Duration::from_millis(ms);
     }
-    if let Some(ms) = args.start_event_hold_ms {
-        worker_config.start_event_hold = Duration::from_millis(ms);
+    if let Some(ms) = args.start_hold_ms {
+        worker_config.start_hold = Duration::from_millis(ms);
     }
     // Every progress call is a real event, as every updateProgress is for the peers.
     worker_config.progress_interval = Duration::ZERO;

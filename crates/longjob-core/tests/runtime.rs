@@ -209,8 +209,9 @@ async fn a_stalled_workers_job_is_finished_by_another_and_its_late_write_rejecte
         .start();
     let id = submit(&lj, "export", &[]).await;
     a_started.notified().await;
-    let running = lj.status(id, OWNER).await.unwrap();
-    assert_eq!((running.state, running.attempt), (JobState::Running, 1));
+    // Written once the handler outlasts the start's hold.
+    let running = wait_state(&lj, id, JobState::Running).await;
+    assert_eq!(running.attempt, 1);
 
     let worker_b = lj
         .worker()
@@ -269,6 +270,8 @@ async fn a_crashed_workers_job_is_finished_by_another_after_the_lease() {
         .handle("export", move |_, _: serde_json::Value| {
             let signal = Arc::clone(&signal);
             async move {
+                // Past the start's hold: the attempt is in the store when the worker dies.
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 signal.notify_one();
                 std::future::pending::<()>().await;
                 Ok(None)
@@ -277,6 +280,8 @@ async fn a_crashed_workers_job_is_finished_by_another_after_the_lease() {
         .start();
     let id = submit(&lj, "export", &["1", "2"]).await;
     started.notified().await;
+    let running = lj.status(id, OWNER).await.unwrap();
+    assert_eq!((running.state, running.attempt), (JobState::Running, 1));
     crashing.abort().await;
     let survivor = lj
         .worker()
@@ -293,6 +298,62 @@ async fn a_crashed_workers_job_is_finished_by_another_after_the_lease() {
     assert_eq!(job.progress.current, 2);
     assert_eq!(lj.queue().stats().await.unwrap(), QueueStats::default());
     survivor.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A job that brings its workers down within the start's hold (before its start is written)
+/// still uses up its attempts: its next delivery, redelivered, records the start first, and a
+/// worker lost on the last attempt fails the job. One attempt allowed: the first crash is not
+/// counted, the second is, the third worker fails it.
+#[tokio::test(start_paused = true)]
+async fn a_job_that_keeps_crashing_its_workers_uses_up_its_attempts() {
+    let lj = facade(config(1));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let crashing_worker = || {
+        let signal = Arc::clone(&started);
+        let mut c = worker_config();
+        c.start_hold = Duration::from_secs(60);
+        lj.worker()
+            .config(c)
+            .handle("poison", move |_, _: serde_json::Value| {
+                let signal = Arc::clone(&signal);
+                async move {
+                    signal.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok(None)
+                }
+            })
+            .start()
+    };
+    let id = submit(&lj, "poison", &["1"]).await;
+
+    let first = crashing_worker();
+    started.notified().await;
+    let unwritten = lj.status(id, OWNER).await.unwrap();
+    assert_eq!(
+        (unwritten.state, unwritten.attempt),
+        (JobState::Queued, 0),
+        "within the hold the start is not written"
+    );
+    first.abort().await;
+
+    let second = crashing_worker();
+    started.notified().await;
+    let written = lj.status(id, OWNER).await.unwrap();
+    assert_eq!(
+        (written.state, written.attempt),
+        (JobState::Running, 1),
+        "a redelivered job's start is written before it runs"
+    );
+    second.abort().await;
+
+    let third = crashing_worker();
+    let failed = wait_state(&lj, id, JobState::Failed).await;
+    assert_eq!(failed.attempt, 1);
+    assert!(
+        failed.error.unwrap().message.contains("lost"),
+        "failed as lost on its last attempt"
+    );
+    third.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -449,6 +510,49 @@ async fn cancelling_a_running_job_stops_its_handler() {
         api.cancel(id, OWNER).await,
         Err(longjob_core::LongJobError::InvalidState { .. })
     ));
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A job cancelled while its start is held (the store still shows it queued) is stopped like a
+/// running one, and a result it returns anyway is not written.
+#[tokio::test(start_paused = true)]
+async fn a_job_cancelled_before_its_start_is_written_stays_cancelled() {
+    let lj = facade(config(3));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::new(AtomicBool::new(false));
+    let (signal, flag) = (Arc::clone(&started), Arc::clone(&stopped));
+    let mut held = worker_config();
+    held.start_hold = Duration::from_secs(60);
+    let worker = lj
+        .worker()
+        .config(held)
+        .handle("slow", move |ctx, _: serde_json::Value| {
+            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
+            async move {
+                let _guard = guard;
+                signal.notify_one();
+                ctx.cancellation().cancelled().await;
+                // Returns a result despite the cancel: it must not land.
+                Ok(None)
+            }
+        })
+        .start();
+    let id = submit(&lj, "slow", &[]).await;
+    started.notified().await;
+    assert_eq!(lj.status(id, OWNER).await.unwrap().state, JobState::Queued);
+    lj.cancel(id, OWNER).await.unwrap();
+    while !stopped.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let job = lj.status(id, OWNER).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Cancelled, 0));
+    assert_eq!(worker.running(), 0);
+    assert_eq!(
+        lj.queue().stats().await.unwrap(),
+        QueueStats::default(),
+        "the lease was acked"
+    );
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -1335,7 +1439,7 @@ async fn progress_reports_do_not_wait_for_the_bus() {
 /// alone, or with the `processing` event held for it (then retried alone).
 #[tokio::test]
 async fn an_outcome_published_again_after_a_lost_reply_is_told_once() {
-    for hold in [Duration::ZERO, WorkerConfig::default().start_event_hold] {
+    for hold in [Duration::ZERO, WorkerConfig::default().start_hold] {
         an_outcome_published_again_is_told_once(hold).await;
     }
 }
@@ -1348,7 +1452,7 @@ async fn an_outcome_published_again_is_told_once(hold: Duration) {
         .config(config(1))
         .build();
     let mut cfg = worker_config();
-    cfg.start_event_hold = hold;
+    cfg.start_hold = hold;
     let worker = lj
         .worker()
         .config(cfg)
@@ -1406,13 +1510,13 @@ async fn progress_follows_the_processing_event_on_a_slow_bus() {
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
-/// A handler that returns within `start_event_hold` has its `processing` event, its progress
+/// A handler that returns within `start_hold` has its `processing` event, its progress
 /// and its outcome published in one call; with no hold, the `processing` event and the outcome
 /// go out on their own.
 #[tokio::test]
 async fn a_short_jobs_events_go_out_with_its_outcome_in_one_call() {
     for (hold, single, many) in [
-        (WorkerConfig::default().start_event_hold, 1, 1),
+        (WorkerConfig::default().start_hold, 1, 1),
         (Duration::ZERO, 3, 1),
     ] {
         let bus = Arc::new(SlowBus::new(true));
@@ -1421,7 +1525,7 @@ async fn a_short_jobs_events_go_out_with_its_outcome_in_one_call() {
             .config(config(1))
             .build();
         let mut cfg = worker_config();
-        cfg.start_event_hold = hold;
+        cfg.start_hold = hold;
         cfg.progress_interval = Duration::ZERO;
         let worker = lj
             .worker()
@@ -1455,7 +1559,7 @@ async fn a_short_jobs_events_go_out_with_its_outcome_in_one_call() {
     }
 }
 
-/// A handler still running when `start_event_hold` ends has its `processing` event published
+/// A handler still running when `start_hold` ends has its `processing` event published
 /// then, while it runs.
 #[tokio::test]
 async fn a_longer_jobs_processing_event_is_not_held_until_its_end() {

@@ -341,6 +341,12 @@ async fn a_dead_workers_job_is_finished_by_another_after_its_lease() {
     tokio::time::timeout(Duration::from_secs(20), started.notified())
         .await
         .expect("the first worker never started the job");
+    // Its start is written once the handler outlasts the start's hold.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lj.status(id, OWNER).await.unwrap().state != JobState::Running {
+        assert!(Instant::now() < deadline, "the start was never written");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // The first worker dies without a word: no release, no heartbeat.
     first.abort().await;
     let died = Instant::now();

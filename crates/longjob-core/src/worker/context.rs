@@ -56,9 +56,14 @@ pub(crate) struct ContextInner {
     /// Fired once the handler has returned (or was stopped) and its last progress is queued.
     pub(crate) handler_ended: CancellationToken,
     /// The `processing` event, when the handler returned before it was published
-    /// ([`WorkerConfig::start_event_hold`](super::WorkerConfig::start_event_hold)): it goes out
+    /// ([`WorkerConfig::start_hold`](super::WorkerConfig::start_hold)): it goes out
     /// with the queued progress events and the outcome, in one call.
     pub(crate) held_start: Mutex<Option<EventPayload>>,
+    /// The attempt's start is not in the store yet: the job there is still queued, and our
+    /// `stored` copy is the job as started, unwritten
+    /// ([`WorkerConfig::start_hold`](super::WorkerConfig::start_hold)). Changed
+    /// only under the `stored` lock.
+    pub(crate) start_unwritten: std::sync::atomic::AtomicBool,
     /// The progress events on their way to the bus.
     pub(crate) progress_events: ProgressQueue,
     pub(crate) state: Mutex<Tracked>,
@@ -351,6 +356,13 @@ impl JobContext {
         job.progress = t.progress;
     }
 
+    /// Whether the attempt's start is not in the store yet.
+    pub(crate) fn start_unwritten(&self) -> bool {
+        self.inner
+            .start_unwritten
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
     pub(crate) fn stop(&self, reason: StopReason) {
         lock(&self.inner.stop_reason).get_or_insert(reason);
         self.inner.cancel.cancel();
@@ -379,6 +391,10 @@ impl JobContext {
             match self.inner.lj.store().update(&next).await {
                 Ok(written) => {
                     *stored = written;
+                    // Our copy is the started job: this write recorded the start too.
+                    self.inner
+                        .start_unwritten
+                        .store(false, std::sync::atomic::Ordering::Release);
                     return;
                 }
                 Err(BackendError::Conflict { .. }) => {

@@ -72,19 +72,28 @@ pub struct WorkerConfig {
     pub claim_gather: Duration,
     /// The least time between two progress events of one job. Default 250 ms.
     pub progress_interval: Duration,
-    /// How long an attempt's `processing` event (and the progress events queued behind it)
-    /// waits for the handler to return before it is published. Default 20 ms; zero publishes
-    /// it at once.
+    /// How long an attempt's start waits for the handler to return before it is recorded: its
+    /// write to the store (state `running`, the attempt counted, the lease's token) and its
+    /// `processing` event, with the progress events queued behind it. Default 20 ms; zero
+    /// records the start before the handler runs.
     ///
-    /// A handler that returns within it has its `processing` event, its progress events and its
-    /// outcome published together, in one [`publish_many`](crate::ProgressBus::publish_many)
-    /// call once the outcome is written: one backend call a short job instead of two or three.
-    /// A longer handler's `processing` event goes out this much later than it starts; the store
-    /// shows the job running at once. Held events are best effort, as progress events are: if
-    /// that call fails, only the outcome is retried (alone, so an outcome already told is not
-    /// told twice), and an attempt that ends with no outcome to announce (cancelled, or its
-    /// lease lost) drops them.
-    pub start_event_hold: Duration,
+    /// A handler that returns within it has its start written with its outcome, in one store
+    /// write, and its `processing` event, progress events and outcome published together, in
+    /// one [`publish_many`](crate::ProgressBus::publish_many) call once the outcome is written:
+    /// one write and one backend call a short job instead of two or three. A longer handler's
+    /// start is written, then its `processing` event published, this much after it starts;
+    /// until then the store shows the job queued. A cancel or a takeover seen by that write
+    /// stops the handler. Held events are best effort, as progress events are: if that call
+    /// fails, only the outcome is retried (alone, so an outcome already told is not told
+    /// twice), and an attempt that ends with no outcome to announce (cancelled, or its lease
+    /// lost) drops them.
+    ///
+    /// A worker lost within the hold leaves no trace of the attempt in the store, so that
+    /// attempt is not counted. The job's next lease says
+    /// [`redelivered`](crate::Lease::redelivered), and a redelivered job's start is written
+    /// before its handler runs: a job that keeps bringing its workers down gets one run more
+    /// than its attempts, then fails as lost.
+    pub start_hold: Duration,
     /// The least time between two progress writes of one job to the store. Default 1 s.
     pub store_flush_interval: Duration,
     /// How often finished jobs past their retention are purged (`None`: never). Default 60 s.
@@ -108,7 +117,7 @@ impl Default for WorkerConfig {
             claim_wait: Duration::from_secs(5),
             claim_gather: Duration::from_millis(5),
             progress_interval: Duration::from_millis(250),
-            start_event_hold: Duration::from_millis(20),
+            start_hold: Duration::from_millis(20),
             store_flush_interval: Duration::from_secs(1),
             purge_interval: Some(Duration::from_secs(60)),
             foreign_kind_delay: Duration::from_secs(5),

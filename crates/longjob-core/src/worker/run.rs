@@ -151,18 +151,26 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         persist(shared, || queue.ack(&lease)).await?;
         return Ok(());
     }
-    job = match persist_update(shared, &job).await {
-        Ok(job) => job,
-        Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
-            // Someone wrote the job since we read it (a cancel, a newer lease): look again shortly.
-            persist(shared, || queue.requeue(&lease, Duration::from_millis(50))).await?;
-            return Ok(());
-        }
-        Err(e) => return Err(e),
-    };
-    tracing::info!(attempt = job.attempt, kind = %job.kind, "attempt started");
+    // The start is written once the handler outlasts the hold, or with the outcome of a handler
+    // that does not (`start_hold`): one store write a short job instead of two. A job
+    // back from an expired lease may be what brought its last worker down: its start is written
+    // first, so such a job uses up its attempts.
+    let hold = shared.config.start_hold;
+    let defer_start = !hold.is_zero() && !lease.redelivered;
+    if !defer_start {
+        job = match persist_update(shared, &job).await {
+            Ok(job) => job,
+            Err(BackendError::Conflict { .. } | BackendError::Fenced { .. }) => {
+                // Someone wrote the job since we read it (a cancel, a newer lease): look again shortly.
+                persist(shared, || queue.requeue(&lease, Duration::from_millis(50))).await?;
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+    }
+    tracing::info!(attempt = job.attempt, kind = %job.kind, deferred = defer_start, "attempt started");
     // The `processing` event goes out while the handler starts, not before: one round trip
-    // less per job; or, if the handler returns within `start_event_hold`, with the outcome.
+    // less per job; or, if the handler returns within `start_hold`, with the outcome.
     // The handler's progress events wait for it (`start_announced`), and so does the outcome.
     let start_payload = EventPayload::status_of(&job);
 
@@ -183,6 +191,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         start_announced: tokio_util::sync::CancellationToken::new(),
         handler_ended: tokio_util::sync::CancellationToken::new(),
         held_start: Mutex::new(None),
+        start_unwritten: std::sync::atomic::AtomicBool::new(defer_start),
         progress_events: super::context::ProgressQueue::default(),
         state: Mutex::new(Tracked {
             items: job.items.clone(),
@@ -216,7 +225,6 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         slot.handler_done().await;
         outcome
     };
-    let hold = shared.config.start_event_hold;
     let start_event = async {
         // A handler that returns within the hold has its events go out with its outcome.
         let held = !hold.is_zero()
@@ -227,7 +235,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
             };
         if held {
             *lock(&ctx.inner().held_start) = Some(start_payload);
-        } else {
+        } else if write_deferred_start(shared, &ctx).await {
             let _ = lj.bus().publish(job.id, start_payload).await;
         }
         ctx.inner().start_announced.cancel();
@@ -239,6 +247,43 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         (outcome, _) => outcome,
     };
     conclude(shared, lease, &ctx, outcome).await
+}
+
+/// Writes the start of an attempt whose handler outlasted the hold (a no-op when it is written
+/// already). Returns whether the job is still ours to run; if not, the handler is stopped.
+async fn write_deferred_start(shared: &Shared, ctx: &JobContext) -> bool {
+    let inner = ctx.inner();
+    let mut stored = inner.stored.lock().await;
+    if !ctx.start_unwritten() {
+        return true;
+    }
+    let mut next = stored.clone();
+    ctx.apply_tracked(&mut next);
+    match persist_update(shared, &next).await {
+        Ok(written) => {
+            *stored = written;
+            inner
+                .start_unwritten
+                .store(false, std::sync::atomic::Ordering::Release);
+            true
+        }
+        Err(BackendError::Conflict { .. }) => {
+            // Written since we read it: cancelled, most likely (the outcome's handling looks).
+            ctx.stop(StopReason::Cancelled);
+            false
+        }
+        Err(BackendError::Fenced { .. }) => {
+            ctx.stop(StopReason::LeaseLost);
+            false
+        }
+        Err(e) => {
+            // Unrecorded, the attempt must not go on: the lease expires and the job comes back,
+            // redelivered, to a worker that records its start first.
+            tracing::warn!(error = %e, "could not record the attempt's start; leaving the job");
+            ctx.stop(StopReason::LeaseLost);
+            false
+        }
+    }
 }
 
 /// Most kinds without a handler remembered per worker: past it, new ones are logged at debug
@@ -344,6 +389,10 @@ async fn conclude(
             match current {
                 Some(job) if job.state == JobState::Running && job.lease_token == lease.token => {
                     // The signal was for an earlier run of this job: run it again.
+                    release(shared, lease, ctx).await
+                }
+                Some(job) if job.state == JobState::Queued && ctx.start_unwritten() => {
+                    // The same, for an attempt whose start was not written yet.
                     release(shared, lease, ctx).await
                 }
                 _ => {
