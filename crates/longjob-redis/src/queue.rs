@@ -6,7 +6,7 @@
 //! - `q:leased`: sorted set of leased job ids scored by lease expiry (ms);
 //! - `q:tokens`: hash job id → fencing token of its current lease;
 //! - `q:seq`: the fencing token counter (`INCR`, monotonic for the life of the data);
-//! - `q:lost`: set of waiting job ids whose last lease expired, until they are claimed again
+//! - `q:lost`: set of waiting job ids whose last lease expired, until they are claimed or pushed
 //!   (their leases say [`redelivered`](Lease::redelivered));
 //! - channel `q:wake`: published on every push, so waiting claimers wake at once.
 
@@ -79,13 +79,15 @@ local function held_many(leased, tokens_key, ids, tokens)
 end
 ";
 
-/// KEYS: waiting, leased, tokens. ARGV: wake channel, delay ms, ids...
-/// Pushing an id makes it wait (moving its due time if it waits already) and revokes its lease.
+/// KEYS: waiting, leased, tokens, lost. ARGV: wake channel, delay ms, ids...
+/// Pushing an id makes it wait (moving its due time if it waits already), revokes its lease and
+/// takes it out of the lost set (its next delivery is a pushed one).
 static PUSH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
 -- Formatted once, not once per member.
 local due = tostring(now + tonumber(ARGV[2]))
+local any_lost = redis.call('SCARD', KEYS[4]) > 0
 for s = 3, #ARGV, CHUNK do
   local ids = slice(ARGV, s, s + CHUNK - 1)
   local members = {{}}
@@ -98,6 +100,7 @@ for s = 3, #ARGV, CHUNK do
     redis.call('HDEL', KEYS[3], unpack(ids))
   end
   redis.call('ZADD', KEYS[1], unpack(members))
+  if any_lost then redis.call('SREM', KEYS[4], unpack(ids)) end
 end
 redis.call('PUBLISH', ARGV[1], '')
 return #ARGV - 2
@@ -311,6 +314,7 @@ impl RedisQueue {
         inv.key(&self.waiting)
             .key(&self.leased)
             .key(&self.tokens)
+            .key(&self.lost)
             .arg(&self.wake)
             .arg(millis(delay));
         for job in jobs {

@@ -190,6 +190,28 @@ pub async fn expired_lease_makes_the_job_claimable_again(queue: &impl Queue) {
     assert_eq!(again.len(), 1);
     assert!(!again[0].redelivered, "a requeued job is not redelivered");
     assert!(queue.ack(&again[0]).await.unwrap());
+
+    // Lost again, and pushed again before it is claimed: its next delivery is a pushed one.
+    // Another job, due before the lost one's expiry, takes the claim that finds the expiry.
+    queue.push(id, Duration::ZERO).await.unwrap();
+    let lost = queue.claim(1, SHORT_LEASE, NO_WAIT).await.unwrap();
+    assert_eq!(lost.len(), 1);
+    let other = JobId::new();
+    queue.push(other, Duration::ZERO).await.unwrap();
+    tokio::time::sleep(SHORT_LEASE * 3).await;
+    let first = claim_all(queue, 1).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].job_id, other, "the job due first is claimed first");
+    queue.push(id, Duration::ZERO).await.unwrap();
+    let pushed = claim_all(queue, 1).await;
+    assert_eq!(pushed.len(), 1);
+    assert_eq!(pushed[0].job_id, id);
+    assert!(
+        !pushed[0].redelivered,
+        "a lost job pushed again is not redelivered"
+    );
+    assert!(queue.ack(&pushed[0]).await.unwrap());
+    assert!(queue.ack(&first[0]).await.unwrap());
 }
 
 /// Extending a batch keeps every held lease alive past its first time-to-live, answering per
