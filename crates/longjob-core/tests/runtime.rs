@@ -556,6 +556,61 @@ async fn a_job_cancelled_before_its_start_is_written_stays_cancelled() {
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
+/// A cancel whose signal never reaches the worker (here the API process has a bus of its own)
+/// is seen by the start's write when the hold ends: the handler is stopped then, not at its end.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_unsignalled_is_seen_by_the_held_starts_write() {
+    let store = Arc::new(MemoryJobStore::new());
+    let queue = Arc::new(MemoryQueue::new());
+    let blobs = Arc::new(MemoryBlobStore::new(UrlSigner::random("http://test/files")));
+    let process = || {
+        LongJob::builder()
+            .store(store.clone())
+            .queue(queue.clone())
+            .bus(Arc::new(MemoryProgressBus::default()))
+            .blobs(blobs.clone())
+            .config(config(3))
+            .build()
+    };
+    let (api, workers) = (process(), process());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::new(AtomicBool::new(false));
+    let (signal, flag) = (Arc::clone(&started), Arc::clone(&stopped));
+    let hold = Duration::from_secs(1);
+    let mut held = worker_config();
+    held.start_hold = hold;
+    let worker = workers
+        .worker()
+        .config(held)
+        .handle("slow", move |_, _: serde_json::Value| {
+            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
+            async move {
+                let _guard = guard;
+                signal.notify_one();
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(None)
+            }
+        })
+        .start();
+    let id = submit(&api, "slow", &[]).await;
+    started.notified().await;
+    let began = Instant::now();
+    api.cancel(id, OWNER).await.unwrap();
+    while !stopped.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let took = began.elapsed();
+    assert!(
+        took >= hold / 2 && took < hold * 2,
+        "stopped after {took:?}"
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let job = api.status(id, OWNER).await.unwrap();
+    assert_eq!((job.state, job.attempt), (JobState::Cancelled, 0));
+    assert_eq!(queue.stats().await.unwrap(), QueueStats::default());
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn shutdown_lets_running_jobs_finish_within_the_grace_period() {
     let lj = facade(config(3));
