@@ -11,9 +11,11 @@ use longjob_core::blob::{PutOptions, byte_stream};
 use longjob_core::memory::{MemoryBlobStore, MemoryJobStore, MemoryProgressBus, MemoryQueue};
 use longjob_core::queue::QueueStats;
 use longjob_core::signing::UrlSigner;
+use longjob_core::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use longjob_core::{
-    BackendResult, ErrorKind, EventPayload, JobError, JobId, JobResult, JobState, Lease, LongJob,
-    LongJobConfig, Queue, RetryPolicy, SubmitRequest, WorkerConfig,
+    BackendError, BackendResult, ErrorKind, EventPayload, Job, JobError, JobId, JobResult,
+    JobState, JobStore, Lease, LongJob, LongJobConfig, Queue, RetryPolicy, SubmitRequest,
+    WorkerConfig,
 };
 use tokio::time::Instant;
 
@@ -608,6 +610,117 @@ async fn a_cancel_unsignalled_is_seen_by_the_held_starts_write() {
     let job = api.status(id, OWNER).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Cancelled, 0));
     assert_eq!(queue.stats().await.unwrap(), QueueStats::default());
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The in-memory store, with updates failing (as an outage would) while `down` is set.
+#[derive(Debug, Default)]
+struct FlakyStore {
+    inner: MemoryJobStore,
+    down: AtomicBool,
+}
+
+#[async_trait]
+impl JobStore for FlakyStore {
+    async fn insert(&self, job: &Job, ttl: Duration) -> BackendResult<Inserted> {
+        self.inner.insert(job, ttl).await
+    }
+    async fn insert_within(
+        &self,
+        job: &Job,
+        ttl: Duration,
+        quota: &OwnerQuota,
+    ) -> BackendResult<Result<Inserted, QuotaHit>> {
+        self.inner.insert_within(job, ttl, quota).await
+    }
+    async fn get(&self, id: JobId) -> BackendResult<Option<Job>> {
+        self.inner.get(id).await
+    }
+    async fn update(&self, job: &Job) -> BackendResult<Job> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(BackendError::Unavailable {
+                backend: "store",
+                message: "down for the test".into(),
+                source: None,
+            });
+        }
+        self.inner.update(job).await
+    }
+    async fn list_by_owner(&self, owner: &str, limit: usize) -> BackendResult<Vec<Job>> {
+        self.inner.list_by_owner(owner, limit).await
+    }
+    async fn find_by_idempotency_key(&self, owner: &str, key: &str) -> BackendResult<Option<Job>> {
+        self.inner.find_by_idempotency_key(owner, key).await
+    }
+    async fn count_by_owner(
+        &self,
+        owner: &str,
+        since: chrono::DateTime<chrono::Utc>,
+    ) -> BackendResult<OwnerCounts> {
+        self.inner.count_by_owner(owner, since).await
+    }
+    async fn purge_finished(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> BackendResult<Vec<Job>> {
+        self.inner.purge_finished(before, limit).await
+    }
+    async fn health(&self) -> BackendResult<()> {
+        self.inner.health().await
+    }
+}
+
+/// A held start that cannot be written (the store is down past the lease's time) stops the
+/// handler and leaves the job; it comes back after its lease, redelivered, and runs to its end,
+/// the unrecorded run not counted as an attempt.
+#[tokio::test(start_paused = true)]
+async fn a_held_start_that_cannot_be_written_leaves_the_job_for_a_later_run() {
+    let store = Arc::new(FlakyStore::default());
+    let lj = LongJob::builder()
+        .store(store.clone())
+        .blobs(Arc::new(MemoryBlobStore::new(UrlSigner::random(
+            "http://test/files",
+        ))))
+        .config(config(3))
+        .build();
+    let runs = Arc::new(AtomicU32::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let stopped = Arc::new(AtomicBool::new(false));
+    let (counted, signal, flag) = (
+        Arc::clone(&runs),
+        Arc::clone(&started),
+        Arc::clone(&stopped),
+    );
+    let mut held = worker_config();
+    held.start_hold = Duration::from_secs(1);
+    let worker = lj
+        .worker()
+        .config(held)
+        .handle("work", move |ctx, _: serde_json::Value| {
+            let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
+            async move {
+                if run == 1 {
+                    let _guard = guard;
+                    signal.notify_one();
+                    ctx.cancellation().cancelled().await;
+                }
+                Ok(None)
+            }
+        })
+        .start();
+    let id = submit(&lj, "work", &[]).await;
+    started.notified().await;
+    store.down.store(true, Ordering::SeqCst);
+    while !stopped.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lj.status(id, OWNER).await.unwrap().state, JobState::Queued);
+    store.down.store(false, Ordering::SeqCst);
+    let done = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(done.attempt, 1, "the unrecorded run is not counted");
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
