@@ -52,8 +52,8 @@ struct Args {
     /// How long the claimer gathers freed slots, in ms (`--claim-gather MS`,
     /// `WorkerConfig::claim_gather`); `None` keeps the default.
     claim_gather_ms: Option<u64>,
-    /// How long a job's `processing` event waits for its end, in ms (`--start-hold MS`,
-    /// `WorkerConfig::start_hold`); `None` keeps the default.
+    /// How long a job's start (its store write and `processing` event) waits for its end, in
+    /// ms (`--start-hold MS`, `WorkerConfig::start_hold`); `None` keeps the default.
     start_hold_ms: Option<u64>,
 }
 
