@@ -356,6 +356,15 @@ impl JobContext {
         job.progress = t.progress;
     }
 
+    /// Takes `written` as our stored copy (`stored` is that copy, locked). Our copy is always
+    /// the started job, so any write of it records the start too.
+    pub(crate) fn keep_written(&self, stored: &mut Job, written: Job) {
+        *stored = written;
+        self.inner
+            .start_unwritten
+            .store(false, std::sync::atomic::Ordering::Release);
+    }
+
     /// Whether the attempt's start is not in the store yet.
     pub(crate) fn start_unwritten(&self) -> bool {
         self.inner
@@ -390,11 +399,7 @@ impl JobContext {
             next.updated_at = Utc::now();
             match self.inner.lj.store().update(&next).await {
                 Ok(written) => {
-                    *stored = written;
-                    // Our copy is the started job: this write recorded the start too.
-                    self.inner
-                        .start_unwritten
-                        .store(false, std::sync::atomic::Ordering::Release);
+                    self.keep_written(&mut stored, written);
                     return;
                 }
                 Err(BackendError::Conflict { .. }) => {

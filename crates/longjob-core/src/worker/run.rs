@@ -261,10 +261,7 @@ async fn write_deferred_start(shared: &Shared, ctx: &JobContext) -> bool {
     ctx.apply_tracked(&mut next);
     match persist_update(shared, &next).await {
         Ok(written) => {
-            *stored = written;
-            inner
-                .start_unwritten
-                .store(false, std::sync::atomic::Ordering::Release);
+            ctx.keep_written(&mut stored, written);
             true
         }
         Err(BackendError::Conflict { .. }) => {
