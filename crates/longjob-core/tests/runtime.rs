@@ -328,25 +328,24 @@ async fn a_job_that_keeps_crashing_its_workers_uses_up_its_attempts() {
     };
     let id = submit(&lj, "poison", &["1"]).await;
 
-    let first = crashing_worker();
-    started.notified().await;
-    let unwritten = lj.status(id, OWNER).await.unwrap();
+    // Each crashing worker dies as soon as its handler starts; what the store shows then:
+    let crash = || async {
+        let worker = crashing_worker();
+        started.notified().await;
+        let job = lj.status(id, OWNER).await.unwrap();
+        worker.abort().await;
+        (job.state, job.attempt)
+    };
     assert_eq!(
-        (unwritten.state, unwritten.attempt),
+        crash().await,
         (JobState::Queued, 0),
         "within the hold the start is not written"
     );
-    first.abort().await;
-
-    let second = crashing_worker();
-    started.notified().await;
-    let written = lj.status(id, OWNER).await.unwrap();
     assert_eq!(
-        (written.state, written.attempt),
+        crash().await,
         (JobState::Running, 1),
         "a redelivered job's start is written before it runs"
     );
-    second.abort().await;
 
     let third = crashing_worker();
     let failed = wait_state(&lj, id, JobState::Failed).await;
@@ -515,37 +514,66 @@ async fn cancelling_a_running_job_stops_its_handler() {
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
+/// What a test sees of the handler of [`held_worker`].
+#[derive(Default)]
+struct HeldRuns {
+    /// Notified when the first run starts.
+    started: tokio::sync::Notify,
+    /// Set when the first run has ended (stopped, its future dropped or returned).
+    stopped: Arc<AtomicBool>,
+    runs: AtomicU32,
+}
+
+impl HeldRuns {
+    async fn wait_stopped(&self) {
+        let stopped = async {
+            while !self.stopped.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(600), stopped)
+            .await
+            .expect("the first run was never stopped");
+    }
+}
+
+/// A worker of `lj` whose starts are held for `hold`, with a `work` handler whose first run
+/// waits until the runtime stops it (on its cancellation) and whose later runs return at once.
+fn held_worker(lj: &LongJob, hold: Duration) -> (longjob_core::WorkerHandle, Arc<HeldRuns>) {
+    let probe = Arc::new(HeldRuns::default());
+    let mut config = worker_config();
+    config.start_hold = hold;
+    let seen = Arc::clone(&probe);
+    let worker = lj
+        .worker()
+        .config(config)
+        .handle("work", move |ctx, _: serde_json::Value| {
+            let seen = Arc::clone(&seen);
+            async move {
+                if seen.runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    let _stopped = SetOnDrop(Arc::clone(&seen.stopped));
+                    seen.started.notify_one();
+                    ctx.cancellation().cancelled().await;
+                    // Returns a result despite the stop: the runtime must not count it.
+                }
+                Ok(None)
+            }
+        })
+        .start();
+    (worker, probe)
+}
+
 /// A job cancelled while its start is held (the store still shows it queued) is stopped like a
 /// running one, and a result it returns anyway is not written.
 #[tokio::test(start_paused = true)]
 async fn a_job_cancelled_before_its_start_is_written_stays_cancelled() {
     let lj = facade(config(3));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::new(AtomicBool::new(false));
-    let (signal, flag) = (Arc::clone(&started), Arc::clone(&stopped));
-    let mut held = worker_config();
-    held.start_hold = Duration::from_secs(60);
-    let worker = lj
-        .worker()
-        .config(held)
-        .handle("slow", move |ctx, _: serde_json::Value| {
-            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
-            async move {
-                let _guard = guard;
-                signal.notify_one();
-                ctx.cancellation().cancelled().await;
-                // Returns a result despite the cancel: it must not land.
-                Ok(None)
-            }
-        })
-        .start();
-    let id = submit(&lj, "slow", &[]).await;
-    started.notified().await;
+    let (worker, held) = held_worker(&lj, Duration::from_secs(60));
+    let id = submit(&lj, "work", &[]).await;
+    held.started.notified().await;
     assert_eq!(lj.status(id, OWNER).await.unwrap().state, JobState::Queued);
     lj.cancel(id, OWNER).await.unwrap();
-    while !stopped.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    held.wait_stopped().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let job = lj.status(id, OWNER).await.unwrap();
     assert_eq!((job.state, job.attempt), (JobState::Cancelled, 0));
@@ -555,6 +583,22 @@ async fn a_job_cancelled_before_its_start_is_written_stays_cancelled() {
         QueueStats::default(),
         "the lease was acked"
     );
+    worker.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A cancel signal for a job its store does not show cancelled (a stale signal, say of an
+/// earlier run) stops a handler whose start is still held, and the job is run again, not
+/// dropped: its store still shows it queued.
+#[tokio::test(start_paused = true)]
+async fn a_stale_cancel_signal_within_the_hold_runs_the_job_again() {
+    let lj = facade(config(3));
+    let (worker, held) = held_worker(&lj, Duration::from_secs(60));
+    let id = submit(&lj, "work", &[]).await;
+    held.started.notified().await;
+    lj.bus().signal_cancel(id).await.unwrap();
+    let done = wait_state(&lj, id, JobState::Completed).await;
+    assert_eq!(held.runs.load(Ordering::SeqCst), 2);
+    assert_eq!(done.attempt, 1, "the stopped run is not counted");
     worker.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -575,32 +619,13 @@ async fn a_cancel_unsignalled_is_seen_by_the_held_starts_write() {
             .build()
     };
     let (api, workers) = (process(), process());
-    let started = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::new(AtomicBool::new(false));
-    let (signal, flag) = (Arc::clone(&started), Arc::clone(&stopped));
     let hold = Duration::from_secs(1);
-    let mut held = worker_config();
-    held.start_hold = hold;
-    let worker = workers
-        .worker()
-        .config(held)
-        .handle("slow", move |_, _: serde_json::Value| {
-            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
-            async move {
-                let _guard = guard;
-                signal.notify_one();
-                tokio::time::sleep(Duration::from_secs(600)).await;
-                Ok(None)
-            }
-        })
-        .start();
-    let id = submit(&api, "slow", &[]).await;
-    started.notified().await;
+    let (worker, held) = held_worker(&workers, hold);
+    let id = submit(&api, "work", &[]).await;
+    held.started.notified().await;
     let began = Instant::now();
     api.cancel(id, OWNER).await.unwrap();
-    while !stopped.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    held.wait_stopped().await;
     let took = began.elapsed();
     assert!(
         took >= hold / 2 && took < hold * 2,
@@ -684,42 +709,15 @@ async fn a_held_start_that_cannot_be_written_leaves_the_job_for_a_later_run() {
         ))))
         .config(config(3))
         .build();
-    let runs = Arc::new(AtomicU32::new(0));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let stopped = Arc::new(AtomicBool::new(false));
-    let (counted, signal, flag) = (
-        Arc::clone(&runs),
-        Arc::clone(&started),
-        Arc::clone(&stopped),
-    );
-    let mut held = worker_config();
-    held.start_hold = Duration::from_secs(1);
-    let worker = lj
-        .worker()
-        .config(held)
-        .handle("work", move |ctx, _: serde_json::Value| {
-            let run = counted.fetch_add(1, Ordering::SeqCst) + 1;
-            let (signal, guard) = (Arc::clone(&signal), SetOnDrop(Arc::clone(&flag)));
-            async move {
-                if run == 1 {
-                    let _guard = guard;
-                    signal.notify_one();
-                    ctx.cancellation().cancelled().await;
-                }
-                Ok(None)
-            }
-        })
-        .start();
+    let (worker, held) = held_worker(&lj, Duration::from_secs(1));
     let id = submit(&lj, "work", &[]).await;
-    started.notified().await;
+    held.started.notified().await;
     store.down.store(true, Ordering::SeqCst);
-    while !stopped.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    held.wait_stopped().await;
     assert_eq!(lj.status(id, OWNER).await.unwrap().state, JobState::Queued);
     store.down.store(false, Ordering::SeqCst);
     let done = wait_state(&lj, id, JobState::Completed).await;
-    assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(held.runs.load(Ordering::SeqCst), 2);
     assert_eq!(done.attempt, 1, "the unrecorded run is not counted");
     worker.shutdown(Duration::from_secs(1)).await;
 }
