@@ -390,11 +390,13 @@ async fn claim_loop(shared: Arc<Shared>, jobs: Arc<tokio::sync::Mutex<JoinSet<()
             lock(&shared.running).insert(lease.job_id, (lease, None));
             let shared = Arc::clone(&shared);
             let mut slot = Slot::claimed(permit, Arc::clone(&shared.capacity));
-            jobs.spawn(async move {
+            // Boxed: the job's future is several KB, and a task moves its future (and
+            // swaps its stage when it ends) by value; a box keeps those moves a pointer.
+            jobs.spawn(Box::pin(async move {
                 run::run_job(&shared, lease, &mut slot).await;
                 lock(&shared.running).remove(&lease.job_id);
                 drop(slot);
-            });
+            }));
         }
     }
 }
