@@ -5,7 +5,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use longjob_core::{ItemRecord, ItemStatus, Job, JobError, JobId, JobState, Progress};
+use longjob_core::{ItemRecord, ItemStatus, Job, JobError, JobId, JobState, Progress, rfc3339};
 use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -176,17 +176,28 @@ pub struct JobStatusBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<ErrorKindBody>,
     /// When it was submitted.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub created_at: DateTime<Utc>,
     /// When it last changed.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub updated_at: DateTime<Utc>,
     /// When its latest attempt started.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339::serialize_opt"
+    )]
     pub started_at: Option<DateTime<Utc>>,
     /// When it finished.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339::serialize_opt"
+    )]
     pub finished_at: Option<DateTime<Utc>>,
     /// When it runs next, while retrying.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "rfc3339::serialize_opt"
+    )]
     pub next_run_at: Option<DateTime<Utc>>,
 }
 
@@ -356,6 +367,7 @@ pub struct DownloadUrlBody {
     /// A URL that downloads the result without credentials until `expiresAt`.
     pub download_url: String,
     /// When the URL stops working.
+    #[serde(serialize_with = "rfc3339::serialize")]
     pub expires_at: DateTime<Utc>,
     /// Seconds until then.
     pub expires_in: u64,

@@ -30,6 +30,7 @@ pub struct JobEvent {
     /// The job it belongs to.
     pub job_id: JobId,
     /// When it was published.
+    #[serde(serialize_with = "crate::rfc3339::serialize")]
     pub at: DateTime<Utc>,
     /// What happened.
     #[serde(flatten)]
@@ -58,7 +59,11 @@ pub enum EventPayload {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         error: Option<JobError>,
         /// When the next attempt runs, while retrying.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "crate::rfc3339::serialize_opt"
+        )]
         next_run_at: Option<DateTime<Utc>>,
         /// The progress at that moment.
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -76,7 +81,11 @@ pub enum EventPayload {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         download_url: Option<String>,
         /// When that URL stops working.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            serialize_with = "crate::rfc3339::serialize_opt"
+        )]
         expires_at: Option<DateTime<Utc>>,
         /// The result's size in bytes.
         #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -28,6 +28,7 @@ pub mod local_disk;
 pub mod memory;
 pub mod policy;
 pub mod queue;
+pub mod rfc3339;
 pub mod signing;
 pub mod state;
 pub mod store;
