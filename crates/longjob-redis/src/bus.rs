@@ -138,12 +138,14 @@ local function append_run(id, expiry, first, last)
   local channel = base .. 'ev:' .. id .. ':live'
   local seq, key, fresh = list_append(id, first, last)
   if seq then
+    -- Written with '%d': Lua's own number-to-string is a float format (`%.14g`), several
+    -- times dearer, and it would print a seq past 10^14 with an exponent.
     if first == last then
-      redis.call('PUBLISH', channel, '{{"seq":' .. seq .. ARGV[first])
+      redis.call('PUBLISH', channel, '{{"seq":' .. string.format('%d', seq) .. ARGV[first])
     else
       -- The run's length, read already, gives way to its first seq: one concatenation, so
       -- the message is built (and hashed, as Lua does every string) once.
-      ARGV[first - 1] = seq
+      ARGV[first - 1] = string.format('%d', seq)
       redis.call('PUBLISH', channel, table.concat(ARGV, '\n', first - 1, last))
     end
     for j = first, last do out[#out + 1] = seq + j - first end
@@ -198,7 +200,7 @@ local first = tonumber(ARGV[1]) - trimmed + 1
 if first >= n then return {{'0'}} end
 if first < 1 then first = 1 end
 local out = redis.call('LRANGE', KEYS[1], first, first + tonumber(ARGV[2]) - 1)
-table.insert(out, 1, tostring(trimmed + first))
+table.insert(out, 1, string.format('%d', trimmed + first))
 return out
 "
     ))

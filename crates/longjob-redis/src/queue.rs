@@ -145,7 +145,8 @@ if max > 0 then
         end
       end
       for i = s, math.min(s + CHUNK - 1, #ids) do
-        local id, token = ids[i], tostring(first + i)
+        -- '%d', not tostring: Lua's number-to-string is a float format, dearer per job.
+        local id, token = ids[i], string.format('%d', first + i)
         members[#members + 1] = expires
         members[#members + 1] = id
         tokens[#tokens + 1] = id

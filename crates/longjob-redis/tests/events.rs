@@ -185,6 +185,56 @@ async fn numbering_past_the_trim(group: u64) {
     redis.delete_namespace().await.unwrap();
 }
 
+/// Seqs past 10^14 (15 digits) are written whole, live and in replays: Lua's own
+/// number-to-string (`%.14g`) would give them an exponent and lose their last digits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seqs_past_ten_to_the_fourteenth_stay_exact() {
+    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let bus = redis.bus();
+    let job = JobId::new();
+    let progress = || EventPayload::Progress {
+        progress: Default::default(),
+    };
+    // Past the list's floor (64 held), its header holds the count of trimmed events: make it
+    // as if 99 999 999 999 990 events had been trimmed.
+    for _ in 0..70 {
+        bus.publish(job, progress()).await.unwrap();
+    }
+    let () = redis::cmd("LSET")
+        .arg(format!("{{{prefix}}}:evl:{job}"))
+        .arg(0)
+        .arg("99999999999990")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let last = 99_999_999_999_990 + 70;
+    let mut live = bus.subscribe(job, last).await.unwrap();
+    let one = bus.publish(job, progress()).await.unwrap();
+    let group = bus
+        .publish_many(job, vec![progress(), progress()])
+        .await
+        .unwrap();
+    assert_eq!(one.seq, last + 1);
+    assert_eq!(
+        group.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        [last + 2, last + 3]
+    );
+    for want in last + 1..=last + 3 {
+        let event = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .expect("a live event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(event.seq, want, "live");
+    }
+    assert_eq!(
+        seqs(&bus, job, last - 2, 5).await,
+        [last - 1, last, last + 1, last + 2, last + 3],
+        "replayed"
+    );
+    redis.delete_namespace().await.unwrap();
+}
+
 /// A finished job's events take a few hundred bytes of Redis's memory, not the 4.7 KB a
 /// one-entry stream takes (Redis allocates a stream's first node at 4 KB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

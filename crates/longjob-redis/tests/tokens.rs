@@ -1,0 +1,45 @@
+//! Fencing tokens as the queue's Lua scripts write them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use longjob_core::{JobId, Queue};
+
+/// A token past 10^14 (15 digits) reaches the worker whole: Lua's own number-to-string
+/// (`%.14g`) would write it with an exponent, which no client could read back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_past_ten_to_the_fourteenth_stay_exact() {
+    let config = common::fresh_config();
+    let counter = format!("{{{}}}:q:seq", config.prefix);
+    let redis = common::connect(config).await;
+    let mut conn = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(&counter)
+        .arg("999999999999999")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let queue = redis.queue();
+    let jobs = [JobId::new(), JobId::new()];
+    for job in jobs {
+        queue.push(job, Duration::ZERO).await.unwrap();
+    }
+    let leases = queue
+        .claim(2, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    let tokens: Vec<u64> = leases.iter().map(|l| l.token).collect();
+    assert_eq!(tokens, [1_000_000_000_000_000, 1_000_000_000_000_001]);
+    let held = queue
+        .extend(&leases, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(held, [true, true], "the tokens written match the leases'");
+    redis.delete_namespace().await.unwrap();
+}
