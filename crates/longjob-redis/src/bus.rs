@@ -34,6 +34,7 @@ use redis::Script;
 use tokio::sync::broadcast;
 
 use crate::hub::{Live, Membership};
+use crate::script::ScriptCall;
 use crate::{BACKEND, Redis, millis, wire};
 
 /// Events read per page of a job's list (or old stream).
@@ -271,9 +272,9 @@ impl RedisProgressBus {
             .redis
             .shared
             .run(|mut c| {
-                let mut inv = LIST_RANGE.prepare_invoke();
-                inv.key(&key).arg(after).arg(PAGE);
-                async move { inv.invoke_async(&mut c).await }
+                let mut call = ScriptCall::new(&LIST_RANGE, &[&key]);
+                call.arg(after).arg(PAGE);
+                async move { call.invoke(&mut c).await }
             })
             .await?;
         match listed {
@@ -424,8 +425,8 @@ async fn publish_many(
     mut events: Vec<JobEvent>,
 ) -> BackendResult<Vec<BackendResult<JobEvent>>> {
     let config = &redis.shared.config;
-    let mut inv = PUBLISH_MANY.prepare_invoke();
-    inv.arg(redis.shared.keys.base())
+    let mut call = ScriptCall::new(&PUBLISH_MANY, &[]);
+    call.arg(redis.shared.keys.base())
         .arg(config.event_retention.max(LIST_FLOOR))
         .arg(config.event_retention.max(1));
     // Consecutive events of one job form a run, which ends with the first event that sets the
@@ -457,14 +458,14 @@ async fn publish_many(
         }
     }
     for (job, expiry, bodies) in &runs {
-        inv.arg(job.to_string())
+        call.arg(job.to_string())
             .arg(expiry)
             .arg(bodies.len())
             .arg(bodies);
     }
     let seqs: Vec<u64> = redis
         .shared
-        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
     if seqs.len() != events.len() {
         return Err(BackendError::corrupt(

@@ -40,6 +40,7 @@ mod bus;
 mod conn;
 mod hub;
 mod queue;
+mod script;
 mod store;
 mod wire;
 

@@ -20,6 +20,7 @@ use longjob_core::{BackendError, BackendResult, JobId, Queue};
 use redis::Script;
 use tokio::time::Instant;
 
+use crate::script::ScriptCall;
 use crate::{BACKEND, Redis, millis};
 
 /// The Redis clock in ms, as a Lua prelude.
@@ -311,20 +312,18 @@ impl RedisQueue {
         if jobs.is_empty() {
             return Ok(());
         }
-        let mut inv = PUSH.prepare_invoke();
-        inv.key(&self.waiting)
-            .key(&self.leased)
-            .key(&self.tokens)
-            .key(&self.lost)
-            .arg(&self.wake)
-            .arg(millis(delay));
+        let mut call = ScriptCall::new(
+            &PUSH,
+            &[&self.waiting, &self.leased, &self.tokens, &self.lost],
+        );
+        call.arg(&self.wake).arg(millis(delay));
         for job in jobs {
-            inv.arg(job.to_string());
+            call.arg(job.to_string());
         }
         let _: i64 = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         Ok(())
     }
@@ -335,18 +334,21 @@ impl RedisQueue {
         max: usize,
         lease_ttl: Duration,
     ) -> BackendResult<(Vec<Lease>, Option<Duration>)> {
-        let mut inv = CLAIM.prepare_invoke();
-        inv.key(&self.waiting)
-            .key(&self.leased)
-            .key(&self.tokens)
-            .key(&self.seq)
-            .key(&self.lost)
-            .arg(max)
-            .arg(millis(lease_ttl).max(1));
+        let mut call = ScriptCall::new(
+            &CLAIM,
+            &[
+                &self.waiting,
+                &self.leased,
+                &self.tokens,
+                &self.seq,
+                &self.lost,
+            ],
+        );
+        call.arg(max).arg(millis(lease_ttl).max(1));
         let out: Vec<String> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         let mut out = out.into_iter();
         let next: i64 = parse(out.next().as_deref())?;
@@ -376,15 +378,13 @@ async fn ack_many(
     keys: [String; 2],
     leases: Vec<Lease>,
 ) -> BackendResult<Vec<BackendResult<bool>>> {
-    let mut inv = ACK_MANY.prepare_invoke();
-    inv.key(&keys[0]).key(&keys[1]);
+    let mut call = ScriptCall::new(&ACK_MANY, &[&keys[0], &keys[1]]);
     for lease in &leases {
-        inv.arg(lease.job_id.to_string())
-            .arg(lease.token.to_string());
+        call.arg(lease.job_id.to_string()).arg(lease.token);
     }
     let done: Vec<i64> = redis
         .shared
-        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
     Ok(done.into_iter().map(|d| Ok(d == 1)).collect())
 }
@@ -442,18 +442,15 @@ impl Queue for RedisQueue {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let mut inv = EXTEND.prepare_invoke();
-        inv.key(&self.leased)
-            .key(&self.tokens)
-            .arg(millis(ttl).max(1));
+        let mut call = ScriptCall::new(&EXTEND, &[&self.leased, &self.tokens]);
+        call.arg(millis(ttl).max(1));
         for lease in leases {
-            inv.arg(lease.job_id.to_string())
-                .arg(lease.token.to_string());
+            call.arg(lease.job_id.to_string()).arg(lease.token);
         }
         let held: Vec<i64> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         if held.len() != leases.len() {
             return Err(BackendError::corrupt(
@@ -469,29 +466,25 @@ impl Queue for RedisQueue {
     }
 
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
-        let mut inv = REQUEUE.prepare_invoke();
-        inv.key(&self.leased)
-            .key(&self.tokens)
-            .key(&self.waiting)
-            .arg(lease.job_id.to_string())
-            .arg(lease.token.to_string())
+        let mut call = ScriptCall::new(&REQUEUE, &[&self.leased, &self.tokens, &self.waiting]);
+        call.arg(lease.job_id.to_string())
+            .arg(lease.token)
             .arg(millis(delay))
             .arg(&self.wake);
         let done: i64 = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         Ok(done == 1)
     }
 
     async fn stats(&self) -> BackendResult<QueueStats> {
-        let mut inv = STATS.prepare_invoke();
-        inv.key(&self.waiting).key(&self.leased);
+        let call = ScriptCall::new(&STATS, &[&self.waiting, &self.leased]);
         let (ready, delayed, leased): (u64, u64, u64) = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         Ok(QueueStats {
             ready,

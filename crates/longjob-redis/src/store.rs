@@ -20,6 +20,7 @@ use longjob_core::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use longjob_core::{BackendError, BackendResult, Job, JobId, JobStore};
 use redis::Script;
 
+use crate::script::ScriptCall;
 use crate::{BACKEND, Redis, micros, millis};
 
 /// Writes the secondary records of a job being stored, given whether it is `terminal` ('1'/'0')
@@ -313,13 +314,9 @@ impl RedisJobStore {
         let idem = job.idempotency_key.as_deref();
         let job_key = self.job_key(job.id);
         let limit = |l: Option<u64>| l.map_or(-1, |l| i64::try_from(l).unwrap_or(i64::MAX));
-        let mut inv = INSERT.prepare_invoke();
-        inv.key(&job_key)
-            .key(
-                idem.map(|k| self.idem_key(&job.owner, k))
-                    .unwrap_or_else(|| job_key.clone()),
-            )
-            .arg(&self.base)
+        let idem_key = idem.map(|k| self.idem_key(&job.owner, k));
+        let mut call = ScriptCall::new(&INSERT, &[&job_key, idem_key.as_ref().unwrap_or(&job_key)]);
+        call.arg(&self.base)
             .arg(json)
             .arg(job.id.to_string())
             .arg(&job.owner)
@@ -327,7 +324,7 @@ impl RedisJobStore {
             .arg(terminal(job))
             .arg(finished_micros(job))
             .arg(self.retention_ms())
-            .arg(job.lease_token.to_string())
+            .arg(job.lease_token)
             .arg(if idem.is_some() { "1" } else { "0" })
             .arg(millis(idempotency_ttl))
             .arg(quota.map_or(0, |q| micros(q.since)))
@@ -336,7 +333,7 @@ impl RedisJobStore {
         let out: Vec<String> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         let answer = out.first().map(String::as_str);
         let over = |what: &str| match (what, quota) {
@@ -421,24 +418,24 @@ async fn update_many(
     jobs: Vec<Job>,
 ) -> BackendResult<Vec<BackendResult<Job>>> {
     let retention = millis(redis.shared.config.finished_retention).max(1);
-    let mut inv = UPDATE_MANY.prepare_invoke();
-    inv.arg(&base).arg(retention);
+    let mut call = ScriptCall::new(&UPDATE_MANY, &[]);
+    call.arg(&base).arg(retention);
     let mut nexts = Vec::with_capacity(jobs.len());
     for job in &jobs {
         let mut next = job.clone();
         next.version = job.version.saturating_add(1);
-        inv.arg(job.id.to_string())
+        call.arg(job.id.to_string())
             .arg(encode(&next)?)
-            .arg(job.version.to_string())
-            .arg(next.version.to_string())
-            .arg(job.lease_token.to_string())
+            .arg(job.version)
+            .arg(next.version)
+            .arg(job.lease_token)
             .arg(terminal(job))
             .arg(finished_micros(job));
         nexts.push(next);
     }
     let out: Vec<String> = redis
         .shared
-        .run(|mut c| async move { inv.invoke_async(&mut c).await })
+        .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
     if out.len() != jobs.len() * 3 {
         return Err(BackendError::corrupt(
@@ -494,23 +491,23 @@ impl JobStore for RedisJobStore {
 
     async fn insert_many(&self, jobs: &[Job]) -> BackendResult<()> {
         for chunk in jobs.chunks(INSERT_CHUNK) {
-            let mut inv = INSERT_MANY.prepare_invoke();
-            inv.arg(&self.base).arg(self.retention_ms());
+            let mut call = ScriptCall::new(&INSERT_MANY, &[]);
+            call.arg(&self.base).arg(self.retention_ms());
             for job in chunk {
                 let mut stored = job.clone();
                 stored.version = 1;
-                inv.arg(encode(&stored)?)
+                call.arg(encode(&stored)?)
                     .arg(job.id.to_string())
                     .arg(&job.owner)
                     .arg(micros(job.created_at))
                     .arg(terminal(job))
                     .arg(finished_micros(job))
-                    .arg(job.lease_token.to_string());
+                    .arg(job.lease_token);
             }
             let existing: String = self
                 .redis
                 .shared
-                .run(|mut c| async move { inv.invoke_async(&mut c).await })
+                .run(|mut c| async move { call.invoke(&mut c).await })
                 .await?;
             if !existing.is_empty() {
                 let id = existing.parse().map_err(|e| {
@@ -546,25 +543,25 @@ impl JobStore for RedisJobStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut inv = LIST.prepare_invoke();
-        inv.key(self.owner_key(owner, "jobs"))
-            .arg(&self.base)
-            .arg(limit);
+        let owner_jobs = self.owner_key(owner, "jobs");
+        let mut call = ScriptCall::new(&LIST, &[&owner_jobs]);
+        call.arg(&self.base).arg(limit);
         let out: Vec<String> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         out.iter().map(|j| decode(j)).collect()
     }
 
     async fn find_by_idempotency_key(&self, owner: &str, key: &str) -> BackendResult<Option<Job>> {
-        let mut inv = FIND_IDEM.prepare_invoke();
-        inv.key(self.idem_key(owner, key)).arg(&self.base);
+        let idem_key = self.idem_key(owner, key);
+        let mut call = ScriptCall::new(&FIND_IDEM, &[&idem_key]);
+        call.arg(&self.base);
         let json: Option<String> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         json.as_deref().map(decode).transpose()
     }
@@ -605,15 +602,13 @@ impl JobStore for RedisJobStore {
         if limit == 0 {
             return Ok(Vec::new());
         }
-        let mut inv = PURGE.prepare_invoke();
-        inv.key(format!("{}finished", self.base))
-            .arg(&self.base)
-            .arg(micros(finished_before))
-            .arg(limit);
+        let finished = format!("{}finished", self.base);
+        let mut call = ScriptCall::new(&PURGE, &[&finished]);
+        call.arg(&self.base).arg(micros(finished_before)).arg(limit);
         let out: Vec<String> = self
             .redis
             .shared
-            .run(|mut c| async move { inv.invoke_async(&mut c).await })
+            .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
         out.iter().map(|j| decode(j)).collect()
     }

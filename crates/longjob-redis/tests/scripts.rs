@@ -1,4 +1,4 @@
-//! Fencing tokens as the queue's Lua scripts write them.
+//! How the backend calls its Lua scripts, and what they write.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
@@ -41,5 +41,31 @@ async fn tokens_past_ten_to_the_fourteenth_stay_exact() {
         .await
         .unwrap();
     assert_eq!(held, [true, true], "the tokens written match the leases'");
+    redis.delete_namespace().await.unwrap();
+}
+
+/// Scripts that Redis forgot (a restart without persistence, `SCRIPT FLUSH`) are loaded again
+/// by the call that finds them missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flushed_script_cache_is_loaded_again() {
+    let redis = common::fresh().await;
+    let mut conn = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let queue = redis.queue();
+    let job = JobId::new();
+    queue.push(job, Duration::ZERO).await.unwrap();
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let leases = queue
+        .claim(1, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(leases.iter().map(|l| l.job_id).collect::<Vec<_>>(), [job]);
     redis.delete_namespace().await.unwrap();
 }
