@@ -50,7 +50,8 @@ const LIST_FLOOR: usize = 64;
 /// job id, expiry ms of its last event (0: leave as is; -1: keep for good, for a job queued
 /// again, whose keys may be expiring after an earlier end; the events before it all leave the
 /// expiry as is), its number of events, then each event's body ([`crate::wire::body`]).
-/// Returns each event's seq.
+/// Returns each run's first seq: a run's events are numbered one after another (one value a
+/// run rather than one an event, since a client parses each value of a reply apart).
 ///
 /// A run takes one `RPUSHX` and one `PUBLISH` however many events it holds (Lua's cost is per
 /// call): a run of one event is published as the event's JSON, a longer one as
@@ -134,7 +135,7 @@ local function told_end(id)
   return held
 end
 
--- Appends a run (a job's events ARGV[first..last]), publishes it and adds their seqs to `out`.
+-- Appends a run (a job's events ARGV[first..last]), publishes it and adds its first seq to `out`.
 local function append_run(id, expiry, first, last)
   local channel = base .. 'ev:' .. id .. ':live'
   local seq, key, fresh = list_append(id, first, last)
@@ -149,14 +150,14 @@ local function append_run(id, expiry, first, last)
       ARGV[first - 1] = string.format('%d', seq)
       redis.call('PUBLISH', channel, table.concat(ARGV, '\n', first - 1, last))
     end
-    for j = first, last do out[#out + 1] = seq + j - first end
+    out[#out + 1] = seq
   else
     for j = first, last do
       local exp = '0'
       if j == last then exp = expiry end
       seq, key = stream_append(id, ARGV[j], exp)
       redis.call('PUBLISH', channel, '{{"seq":' .. seq .. ARGV[j])
-      out[#out + 1] = seq
+      if j == first then out[#out + 1] = seq end
     end
   end
   if expiry ~= '0' then
@@ -463,18 +464,25 @@ async fn publish_many(
             .arg(bodies.len())
             .arg(bodies);
     }
-    let seqs: Vec<u64> = redis
+    let firsts: Vec<u64> = redis
         .shared
         .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
-    if seqs.len() != events.len() {
+    if firsts.len() != runs.len() {
         return Err(BackendError::corrupt(
             BACKEND,
-            format!("{} publishes answered {} seqs", events.len(), seqs.len()),
+            format!(
+                "{} runs of events answered {} seqs",
+                runs.len(),
+                firsts.len()
+            ),
         ));
     }
-    for (event, seq) in events.iter_mut().zip(seqs) {
-        event.seq = seq;
+    let mut numbered = events.iter_mut();
+    for ((_, _, bodies), first) in runs.iter().zip(firsts) {
+        for (event, seq) in numbered.by_ref().zip(first..).take(bodies.len()) {
+            event.seq = seq;
+        }
     }
     Ok(events.into_iter().map(Ok).collect())
 }

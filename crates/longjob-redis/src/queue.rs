@@ -58,7 +58,7 @@ local function leases_from(from)
   return ids, tokens
 end
 -- Of `ids` (with their `tokens`), those leased under that token right now, once each; and
--- per id whether it is one of them.
+-- per id whether it is one of them ('1' or '0', for one string of them all).
 local function held_many(leased, tokens_key, ids, tokens)
   local held, answer, seen = {}, {}, {}
   for s = 1, #ids, CHUNK do
@@ -73,7 +73,7 @@ local function held_many(leased, tokens_key, ids, tokens)
         seen[id] = true
         held[#held + 1] = id
       end
-      answer[i] = ok and 1 or 0
+      answer[i] = ok and '1' or '0'
     end
   end
   return held, answer
@@ -112,8 +112,10 @@ return #ARGV - 2
 /// KEYS: waiting, leased, tokens, seq, lost. ARGV: max, ttl ms.
 /// Reaps expired leases (their jobs wait again, due at their expiry, and join the lost set),
 /// then leases up to `max` due jobs, oldest due first. Returns {ms until the next due job or
-/// lease expiry (-1: none, or not asked because jobs were claimed), id1, token1, lost1, id2,
-/// token2, lost2, ...}, each lost flag '1' or '0'.
+/// lease expiry (-1: none, or not asked because jobs were claimed)}, and when jobs were claimed
+/// a second string, `id1 token1 lost1 id2 token2 lost2 ...` separated by spaces, each lost flag
+/// '1' or '0' (one reply value for the batch: a client parses each value of a reply apart, at
+/// a cost per value well above its bytes').
 static CLAIM: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
@@ -125,7 +127,7 @@ for i = 1, #expired, 2 do
   redis.call('ZADD', KEYS[1], expired[i + 1], id)
   redis.call('SADD', KEYS[5], id)
 end
-local out = {{'-1'}}
+local out = {{}}
 local max = tonumber(ARGV[1])
 if max > 0 then
   local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, max)
@@ -161,7 +163,7 @@ if max > 0 then
     end
   end
 end
-if #out > 1 then return out end
+if #out > 0 then return {{'-1', table.concat(out, ' ')}} end
 -- Nothing claimed: say when something may become due, so the claimer sleeps until then.
 local nxt = -1
 local w = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
@@ -184,7 +186,8 @@ local function held(id, token)
 end
 ";
 
-/// KEYS: leased, tokens. ARGV: ttl ms, id1, token1, id2, token2, ... Returns 1/0 per lease.
+/// KEYS: leased, tokens. ARGV: ttl ms, id1, token1, id2, token2, ... Returns one string with a
+/// character per lease, '1' if held or '0'.
 static EXTEND: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
@@ -199,13 +202,14 @@ for s = 1, #held, CHUNK do
   end
   redis.call('ZADD', KEYS[1], unpack(members))
 end
-return answer
+return table.concat(answer)
 "
     ))
 });
 
-/// KEYS: leased, tokens. ARGV: id1, token1, id2, token2, ... Returns, per lease, 1 if it was
-/// held (and the job is gone) or 0. A lease given twice counts once.
+/// KEYS: leased, tokens. ARGV: id1, token1, id2, token2, ... Returns one string with a
+/// character per lease, '1' if it was held (and the job is gone) or '0'. A lease given twice
+/// counts once.
 static ACK_MANY: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"{NOW}{MANY}
@@ -216,7 +220,7 @@ for s = 1, #held, CHUNK do
   redis.call('ZREM', KEYS[1], unpack(part))
   redis.call('HDEL', KEYS[2], unpack(part))
 end
-return answer
+return table.concat(answer)
 "
     ))
 });
@@ -350,21 +354,33 @@ impl RedisQueue {
             .shared
             .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
-        let mut out = out.into_iter();
-        let next: i64 = parse(out.next().as_deref())?;
+        let next: i64 = parse(out.first().map(String::as_str))?;
         let next = u64::try_from(next).ok().map(Duration::from_millis);
         let mut leases = Vec::new();
-        while let (Some(id), Some(token), Some(lost)) = (out.next(), out.next(), out.next()) {
+        let mut claimed = out.get(1).map_or("", String::as_str).split(' ');
+        while let Some(id) = claimed.next().filter(|id| !id.is_empty()) {
+            let (token, lost) = (claimed.next(), claimed.next());
             leases.push(Lease {
                 job_id: id
                     .parse()
                     .map_err(|e| BackendError::corrupt(BACKEND, format!("queued id: {e}")))?,
-                token: parse(Some(&token))?,
-                redelivered: lost == "1",
+                token: parse(token)?,
+                redelivered: lost == Some("1"),
             });
         }
         Ok((leases, next))
     }
+}
+
+/// The answer of a script that says '1' or '0' per lease, for `n` leases.
+fn flags(answer: &str, n: usize, what: &str) -> BackendResult<Vec<bool>> {
+    if answer.len() != n || !answer.bytes().all(|b| b == b'0' || b == b'1') {
+        return Err(BackendError::corrupt(
+            BACKEND,
+            format!("{what} of {n} leases answered {answer:?}"),
+        ));
+    }
+    Ok(answer.bytes().map(|b| b == b'1').collect())
 }
 
 fn parse<T: std::str::FromStr>(s: Option<&str>) -> BackendResult<T> {
@@ -382,11 +398,14 @@ async fn ack_many(
     for lease in &leases {
         call.arg(lease.job_id.to_string()).arg(lease.token);
     }
-    let done: Vec<i64> = redis
+    let done: String = redis
         .shared
         .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
-    Ok(done.into_iter().map(|d| Ok(d == 1)).collect())
+    Ok(flags(&done, leases.len(), "ack")?
+        .into_iter()
+        .map(Ok)
+        .collect())
 }
 
 #[async_trait]
@@ -447,18 +466,12 @@ impl Queue for RedisQueue {
         for lease in leases {
             call.arg(lease.job_id.to_string()).arg(lease.token);
         }
-        let held: Vec<i64> = self
+        let held: String = self
             .redis
             .shared
             .run(|mut c| async move { call.invoke(&mut c).await })
             .await?;
-        if held.len() != leases.len() {
-            return Err(BackendError::corrupt(
-                BACKEND,
-                "extend answered a wrong count",
-            ));
-        }
-        Ok(held.into_iter().map(|h| h == 1).collect())
+        flags(&held, leases.len(), "extend")
     }
 
     async fn ack(&self, lease: &Lease) -> BackendResult<bool> {

@@ -119,9 +119,10 @@ return ''
 });
 
 /// Compare-and-set writes of many jobs. ARGV: base, retention ms, then per write 7 values:
-/// id, json, expected version, the version it writes, token, terminal, finished µs. Returns 3
-/// values per write: 'ok'|'missing'|'conflict'|'fenced', the stored version and the stored
-/// token.
+/// id, json, expected version, the version it writes, token, terminal, finished µs. Returns one
+/// string of 3 words per write, separated by spaces: 'ok'|'missing'|'conflict'|'fenced', the
+/// stored version and the stored token (one reply value for the batch: a client parses each
+/// value of a reply apart, at a cost per value well above its bytes').
 ///
 /// Versions are compared as the decimal strings both sides write, and the new one comes from
 /// the client: no number is parsed or formatted for them in Lua.
@@ -173,7 +174,7 @@ for i = 3, #ARGV, 7 do
   end
 end
 flush()
-return out
+return table.concat(out, ' ')
 "
     ))
 });
@@ -407,7 +408,7 @@ fn finished_micros(job: &Job) -> i64 {
     micros(job.finished_at.unwrap_or(job.updated_at))
 }
 
-fn num(s: Option<&String>) -> u64 {
+fn num(s: Option<&&str>) -> u64 {
     s.and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
@@ -433,10 +434,11 @@ async fn update_many(
             .arg(finished_micros(job));
         nexts.push(next);
     }
-    let out: Vec<String> = redis
+    let out: String = redis
         .shared
         .run(|mut c| async move { call.invoke(&mut c).await })
         .await?;
+    let out: Vec<&str> = out.split(' ').filter(|w| !w.is_empty()).collect();
     if out.len() != jobs.len() * 3 {
         return Err(BackendError::corrupt(
             BACKEND,
@@ -447,7 +449,7 @@ async fn update_many(
         .iter()
         .zip(nexts)
         .zip(out.chunks(3))
-        .map(|((job, next), answer)| match answer[0].as_str() {
+        .map(|((job, next), answer)| match answer[0] {
             "ok" => Ok(next),
             "missing" => Err(BackendError::NotFound(job.id)),
             "conflict" => Err(BackendError::Conflict {
