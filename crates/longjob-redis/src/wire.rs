@@ -5,32 +5,41 @@
 //!
 //! Events written before that keep their `jobId` (`,"jobId":"…","at":…`): both forms read.
 
+use chrono::SecondsFormat;
 use longjob_core::{BackendError, BackendResult, JobEvent, JobId};
 
 use crate::BACKEND;
 
-/// Every event serializes with these fields first, `seq` 0 until the bus numbers it.
-const SEQ_ZERO: &str = "{\"seq\":0,\"jobId\":\"";
-
 /// The start of a body written with its job id.
 const WITH_JOB_ID: &str = ",\"jobId\":";
 
-/// `event` as Redis keeps it: its JSON from the comma after its job id on.
+/// `event` as Redis keeps it: its JSON from the comma after its job id on, which is `at`, then
+/// its payload's fields (`JobEvent` flattens its payload after `at`).
+///
+/// Written from the payload's own JSON rather than cut out of the whole event's: the event
+/// serializes through serde's flattening (a map, field by field) and writes the job id only
+/// for it to be cut off, which cost as much as the rest of the body.
 pub(crate) fn body(event: &JobEvent) -> BackendResult<String> {
-    let mut json = serde_json::to_string(event).map_err(|e| BackendError::corrupt(BACKEND, e))?;
-    let head = format!("{SEQ_ZERO}{}\"", event.job_id);
-    // `{"seq":0,"jobId":"<id>"`, then the comma the body starts with.
-    let starts_as_expected = json
-        .strip_prefix(head.as_str())
-        .is_some_and(|b| b.starts_with(','));
-    if !starts_as_expected {
-        return Err(BackendError::corrupt(
-            BACKEND,
-            "an event does not serialize with seq 0 and its job id first",
-        ));
-    }
-    json.drain(..head.len());
-    Ok(json)
+    let payload =
+        serde_json::to_string(&event.payload).map_err(|e| BackendError::corrupt(BACKEND, e))?;
+    // An object with its `type` at least: `{"type":…}`.
+    let fields = payload
+        .strip_prefix('{')
+        .filter(|fields| fields.starts_with('"'))
+        .ok_or_else(|| {
+            BackendError::corrupt(
+                BACKEND,
+                "an event's payload does not serialize as an object",
+            )
+        })?;
+    // RFC 3339 as chrono writes it: ASCII with nothing to escape in a JSON string.
+    let at = event.at.to_rfc3339_opts(SecondsFormat::AutoSi, true);
+    let mut body = String::with_capacity(fields.len() + at.len() + 9);
+    body.push_str(",\"at\":\"");
+    body.push_str(&at);
+    body.push_str("\",");
+    body.push_str(fields);
+    Ok(body)
 }
 
 /// The event numbered `seq` of `job` from its `body`, in either form.
@@ -57,7 +66,7 @@ pub(crate) fn decode_numbered(job: JobId, numbered: &str) -> Result<JobEvent, St
 
 #[cfg(test)]
 mod tests {
-    use longjob_core::{EventPayload, JobEvent, JobId, Progress};
+    use longjob_core::{ErrorKind, EventPayload, JobError, JobEvent, JobId, JobState, Progress};
 
     use super::{body, decode, decode_numbered};
 
@@ -85,6 +94,61 @@ mod tests {
         assert_eq!(decode(job, 7, &written), Ok(event(job, 7)));
         let numbered = format!("{{\"seq\":7{written}");
         assert_eq!(decode_numbered(job, &numbered), Ok(event(job, 7)));
+    }
+
+    /// The body as the event's whole JSON gives it, from the comma after its job id on.
+    fn cut_from_whole(event: &JobEvent) -> String {
+        let json = serde_json::to_string(event).expect("serializes");
+        let head = format!("{{\"seq\":{},\"jobId\":\"{}\"", event.seq, event.job_id);
+        json.strip_prefix(head.as_str())
+            .expect("seq and job id first")
+            .to_string()
+    }
+
+    #[test]
+    fn a_body_is_the_events_json_after_its_job_id() {
+        let job = JobId::new();
+        let error = JobError::new(ErrorKind::Validation, "no \"file\" 7\n");
+        let payloads = [
+            EventPayload::Status {
+                status: JobState::Retrying,
+                attempt: 2,
+                error: Some(error.clone()),
+                next_run_at: Some("2026-12-04T18:27:26.5Z".parse().expect("a time")),
+                progress: Some(Progress::default()),
+            },
+            EventPayload::Status {
+                status: JobState::Queued,
+                attempt: 0,
+                error: None,
+                next_run_at: None,
+                progress: None,
+            },
+            event(job, 0).payload,
+            EventPayload::Completed {
+                download_url: Some("http://x/y?a=1&b=\u{e9}".into()),
+                expires_at: Some("2026-12-05T00:00:00Z".parse().expect("a time")),
+                size: Some(12),
+            },
+            EventPayload::Completed {
+                download_url: None,
+                expires_at: None,
+                size: None,
+            },
+            EventPayload::Failed { error, attempt: 3 },
+            EventPayload::Cancelled {},
+        ];
+        for at in ["2026-12-04T18:27:25Z", "2026-12-04T18:27:25.311933543Z"] {
+            for payload in &payloads {
+                let event = JobEvent {
+                    seq: 0,
+                    job_id: job,
+                    at: at.parse().expect("a time"),
+                    payload: payload.clone(),
+                };
+                assert_eq!(body(&event).expect("serializes"), cut_from_whole(&event));
+            }
+        }
     }
 
     #[test]
