@@ -5,8 +5,7 @@
 //!
 //! Events written before that keep their `jobId` (`,"jobId":"…","at":…`): both forms read.
 
-use chrono::SecondsFormat;
-use longjob_core::{BackendError, BackendResult, JobEvent, JobId};
+use longjob_core::{BackendError, BackendResult, JobEvent, JobId, rfc3339};
 
 use crate::BACKEND;
 
@@ -32,11 +31,10 @@ pub(crate) fn body(event: &JobEvent) -> BackendResult<String> {
                 "an event's payload does not serialize as an object",
             )
         })?;
-    // RFC 3339 as chrono writes it: ASCII with nothing to escape in a JSON string.
-    let at = event.at.to_rfc3339_opts(SecondsFormat::AutoSi, true);
-    let mut body = String::with_capacity(fields.len() + at.len() + 9);
+    let mut body = String::with_capacity(fields.len() + 40);
     body.push_str(",\"at\":\"");
-    body.push_str(&at);
+    // RFC 3339 as chrono writes it: ASCII with nothing to escape in a JSON string.
+    rfc3339::push(&event.at, &mut body);
     body.push_str("\",");
     body.push_str(fields);
     Ok(body)
