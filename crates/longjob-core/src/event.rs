@@ -30,7 +30,10 @@ pub struct JobEvent {
     /// The job it belongs to.
     pub job_id: JobId,
     /// When it was published.
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub at: DateTime<Utc>,
     /// What happened.
     #[serde(flatten)]
@@ -62,7 +65,8 @@ pub enum EventPayload {
         #[serde(
             default,
             skip_serializing_if = "Option::is_none",
-            serialize_with = "crate::rfc3339::serialize_opt"
+            serialize_with = "crate::rfc3339::serialize_opt",
+            deserialize_with = "crate::rfc3339::deserialize_opt"
         )]
         next_run_at: Option<DateTime<Utc>>,
         /// The progress at that moment.
@@ -84,7 +88,8 @@ pub enum EventPayload {
         #[serde(
             default,
             skip_serializing_if = "Option::is_none",
-            serialize_with = "crate::rfc3339::serialize_opt"
+            serialize_with = "crate::rfc3339::serialize_opt",
+            deserialize_with = "crate::rfc3339::deserialize_opt"
         )]
         expires_at: Option<DateTime<Utc>>,
         /// The result's size in bytes.

@@ -176,30 +176,39 @@ pub struct Job {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// When it was submitted.
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub created_at: DateTime<Utc>,
     /// When it was last written.
-    #[serde(serialize_with = "crate::rfc3339::serialize")]
+    #[serde(
+        serialize_with = "crate::rfc3339::serialize",
+        deserialize_with = "crate::rfc3339::deserialize"
+    )]
     pub updated_at: DateTime<Utc>,
     /// When its latest attempt started.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::rfc3339::serialize_opt"
+        serialize_with = "crate::rfc3339::serialize_opt",
+        deserialize_with = "crate::rfc3339::deserialize_opt"
     )]
     pub started_at: Option<DateTime<Utc>>,
     /// When it reached a terminal state.
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::rfc3339::serialize_opt"
+        serialize_with = "crate::rfc3339::serialize_opt",
+        deserialize_with = "crate::rfc3339::deserialize_opt"
     )]
     pub finished_at: Option<DateTime<Utc>>,
     /// When it runs next (a delayed submit, or the next attempt while retrying).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
-        serialize_with = "crate::rfc3339::serialize_opt"
+        serialize_with = "crate::rfc3339::serialize_opt",
+        deserialize_with = "crate::rfc3339::deserialize_opt"
     )]
     pub run_at: Option<DateTime<Utc>>,
     /// The fencing token of the lease that last started it. A write carrying a smaller token is

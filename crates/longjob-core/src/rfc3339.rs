@@ -2,26 +2,38 @@
 //! fraction digits as the value needs), but handed to the serializer as one string: chrono's
 //! impl goes through `collect_str`, which `serde_json` escapes a character at a time, and every
 //! job and event carries timestamps through the backends' JSON on each write (and the HTTP
-//! face's bodies on each read). Deserializing stays chrono's.
+//! face's bodies on each read). Reading takes the same form apart by hand and leaves any other
+//! form to chrono, so it accepts exactly what chrono's `Deserialize` accepts.
 //!
 //! ```
 //! use chrono::{DateTime, TimeZone, Utc};
 //!
-//! #[derive(serde::Serialize)]
+//! #[derive(serde::Serialize, serde::Deserialize)]
 //! struct Body {
-//!     #[serde(serialize_with = "longjob_core::rfc3339::serialize")]
+//!     #[serde(
+//!         serialize_with = "longjob_core::rfc3339::serialize",
+//!         deserialize_with = "longjob_core::rfc3339::deserialize"
+//!     )]
 //!     at: DateTime<Utc>,
-//!     #[serde(serialize_with = "longjob_core::rfc3339::serialize_opt")]
+//!     #[serde(
+//!         serialize_with = "longjob_core::rfc3339::serialize_opt",
+//!         deserialize_with = "longjob_core::rfc3339::deserialize_opt"
+//!     )]
 //!     until: Option<DateTime<Utc>>,
 //! }
 //!
 //! let at = Utc.with_ymd_and_hms(2026, 12, 7, 14, 30, 5).unwrap();
 //! let json = serde_json::to_string(&Body { at, until: None }).unwrap();
 //! assert_eq!(json, r#"{"at":"2026-12-07T14:30:05Z","until":null}"#);
+//! let back: Body = serde_json::from_str(&json).unwrap();
+//! assert_eq!((back.at, back.until), (at, None));
 //! ```
 
-use chrono::{DateTime, Datelike, SecondsFormat, Timelike, Utc};
-use serde::{Serialize, Serializer};
+use std::fmt;
+
+use chrono::{DateTime, Datelike, FixedOffset, NaiveDate, SecondsFormat, Timelike, Utc};
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
 
 /// A timestamp that serializes as one RFC 3339 string.
 struct Rfc3339<'a>(&'a DateTime<Utc>);
@@ -121,6 +133,77 @@ pub fn serialize_opt<S: Serializer>(at: &Option<DateTime<Utc>>, s: S) -> Result<
     }
 }
 
+/// A timestamp read from one RFC 3339 string.
+struct Parsed(DateTime<Utc>);
+
+impl<'de> Deserialize<'de> for Parsed {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Rfc3339Visitor;
+        impl Visitor<'_> for Rfc3339Visitor {
+            type Value = Parsed;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 formatted date and time string")
+            }
+            fn visit_str<E: de::Error>(self, text: &str) -> Result<Parsed, E> {
+                match read(text) {
+                    Some(at) => Ok(Parsed(at)),
+                    // What chrono's Deserialize does with any string.
+                    None => text
+                        .parse::<DateTime<FixedOffset>>()
+                        .map(|at| Parsed(at.with_timezone(&Utc)))
+                        .map_err(E::custom),
+                }
+            }
+        }
+        d.deserialize_str(Rfc3339Visitor)
+    }
+}
+
+/// For `#[serde(deserialize_with = "...")]` on a `DateTime<Utc>`: accepts what chrono's
+/// `Deserialize` accepts, reading the form [`serialize`] writes without chrono's parser.
+pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    Parsed::deserialize(d).map(|p| p.0)
+}
+
+/// For `#[serde(deserialize_with = "...")]` on an `Option<DateTime<Utc>>` (with `default`, so
+/// a missing field is `None`).
+pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    Option::<Parsed>::deserialize(d).map(|p| p.map(|p| p.0))
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.f]Z` with 1 to 9 fraction digits, as [`write`] writes it (and the
+/// fraction widths it does not write), taken apart by hand; `None` for any other form (an
+/// offset, a lowercase `t`, a leap second (`and_hms_nano_opt` refuses second 60), a date that
+/// does not exist), which the caller leaves to chrono.
+fn read(text: &str) -> Option<DateTime<Utc>> {
+    let b = text.as_bytes();
+    let num = |from: usize, width: usize| -> Option<u32> {
+        b.get(from..from + width)?.iter().try_fold(0u32, |n, &c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let seps = [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':')];
+    if b.len() < 20 || seps.iter().any(|&(i, c)| b[i] != c) || b[b.len() - 1] != b'Z' {
+        return None;
+    }
+    let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
+    let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
+    let nano = match b.len() - 20 {
+        0 => 0,
+        n if b[19] == b'.' && (2..=10).contains(&n) => {
+            let digits = n - 1;
+            num(20, digits)? * 10u32.pow(9 - u32::try_from(digits).ok()?)
+        }
+        _ => return None,
+    };
+    let year = i32::try_from(year).ok()?;
+    Some(
+        NaiveDate::from_ymd_opt(year, month, day)?
+            .and_hms_nano_opt(hour, minute, second, nano)?
+            .and_utc(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use chrono::{NaiveDate, TimeZone};
@@ -140,6 +223,96 @@ mod tests {
     struct Chronos {
         at: DateTime<Utc>,
         maybe: Option<DateTime<Utc>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct Read {
+        #[serde(deserialize_with = "deserialize")]
+        at: DateTime<Utc>,
+        #[serde(default, deserialize_with = "deserialize_opt")]
+        maybe: Option<DateTime<Utc>>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct ChronoRead {
+        at: DateTime<Utc>,
+        #[serde(default)]
+        maybe: Option<DateTime<Utc>>,
+    }
+
+    /// What ours and chrono's read from `json`: equal values, or both an error.
+    fn reads_as_chrono(json: &str) {
+        let ours = serde_json::from_str::<Read>(json).map(|r| (r.at, r.maybe));
+        let chronos = serde_json::from_str::<ChronoRead>(json).map(|r| (r.at, r.maybe));
+        match (ours, chronos) {
+            (Ok(a), Ok(b)) => assert_eq!(a, b, "{json}"),
+            (Err(_), Err(_)) => {}
+            (a, b) => panic!("{json}: ours {a:?}, chrono's {b:?}"),
+        }
+    }
+
+    #[test]
+    fn reads_what_chrono_reads() {
+        for text in [
+            "2026-12-07T14:30:05Z",
+            "2026-12-07T14:30:05.1Z",
+            "2026-12-07T14:30:05.12Z",
+            "2026-12-07T14:30:05.120Z",
+            "2026-12-07T14:30:05.1234Z",
+            "2026-12-07T14:30:05.123456Z",
+            "2026-12-07T14:30:05.123456789Z",
+            "2026-12-07T14:30:05.1234567891Z",
+            "2026-12-07T14:30:05.Z",
+            "2026-12-07t14:30:05Z",
+            "2026-12-07 14:30:05Z",
+            "2026-12-07T14:30:05z",
+            "2026-12-07T14:30:05+01:00",
+            "2026-12-07T14:30:05.5-07:30",
+            "2016-12-31T23:59:60Z",
+            "2016-12-31T23:59:60.5Z",
+            "2026-02-30T14:30:05Z",
+            "2026-13-07T14:30:05Z",
+            "2026-12-07T24:00:00Z",
+            "2026-12-07T14:60:05Z",
+            "+12345-01-02T03:04:05Z",
+            "0000-01-01T00:00:00Z",
+            "9999-12-31T23:59:59.999999999Z",
+            "2026-12-07T14:30:0xZ",
+            "2026-12-07T14:30:05",
+            "",
+            "Z",
+        ] {
+            reads_as_chrono(&format!(r#"{{"at":"{text}","maybe":"{text}"}}"#));
+            reads_as_chrono(&format!(r#"{{"at":"{text}"}}"#));
+        }
+        reads_as_chrono(r#"{"at":"2026-12-07T14:30:05Z","maybe":null}"#);
+        reads_as_chrono(r#"{"at":12}"#);
+    }
+
+    #[test]
+    fn reads_back_what_it_writes() {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        for i in 0..20_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let secs = i64::try_from(x % 253_402_300_799).unwrap();
+            let nanos = match i % 4 {
+                0 => 0,
+                1 => (x % 1000) as u32 * 1_000_000,
+                2 => (x % 1_000_000) as u32 * 1_000,
+                _ => (x % 1_000_000_000) as u32,
+            };
+            let at = DateTime::from_timestamp(secs, nanos).unwrap();
+            let json = serde_json::to_string(&Ours {
+                at,
+                maybe: Some(at),
+            })
+            .unwrap();
+            let read: Read = serde_json::from_str(&json).unwrap();
+            assert_eq!((read.at, read.maybe), (at, Some(at)), "{json}");
+            reads_as_chrono(&json);
+        }
     }
 
     #[test]
