@@ -69,3 +69,51 @@ async fn a_flushed_script_cache_is_loaded_again() {
     assert_eq!(leases.iter().map(|l| l.job_id).collect::<Vec<_>>(), [job]);
     redis.delete_namespace().await.unwrap();
 }
+
+/// The tokens hash is a hash table from the first claim on, even with a few leases in flight
+/// and after they are all acked: as a listpack, every access would scan it end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tokens_hash_stays_a_hash_table() {
+    let config = common::fresh_config();
+    let tokens = format!("{{{}}}:q:tokens", config.prefix);
+    let redis = common::connect(config).await;
+    let mut conn = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let queue = redis.queue();
+    let job = JobId::new();
+    queue.push(job, Duration::ZERO).await.unwrap();
+    let leases = queue
+        .claim(1, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        encoding(&mut conn, &tokens).await.as_deref(),
+        Some("hashtable")
+    );
+    assert!(queue.ack(&leases[0]).await.unwrap());
+    assert_eq!(
+        encoding(&mut conn, &tokens).await.as_deref(),
+        Some("hashtable"),
+        "still there, and a hash table, with no lease in flight"
+    );
+    let again = JobId::new();
+    queue.push(again, Duration::ZERO).await.unwrap();
+    let leases = queue
+        .claim(1, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(leases.iter().map(|l| l.job_id).collect::<Vec<_>>(), [again]);
+    redis.delete_namespace().await.unwrap();
+}
+
+async fn encoding(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
+    redis::cmd("OBJECT")
+        .arg("ENCODING")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .unwrap()
+}
