@@ -32,27 +32,11 @@ async fn seqs(bus: &impl ProgressBus, job: JobId, after: u64, n: usize) -> Vec<u
     seen
 }
 
-/// A Redis handle on `config` (a fresh prefix from `common::fresh_config`), its prefix (for
-/// key names), and a plain connection to look at its keys.
-async fn under_fresh_prefix(
-    config: longjob_redis::RedisConfig,
-) -> (
-    String,
-    longjob_redis::Redis,
-    redis::aio::MultiplexedConnection,
-) {
-    let prefix = config.prefix.clone();
-    let redis = common::connect(config).await;
-    let client = redis::Client::open(common::redis_url()).unwrap();
-    let conn = client.get_multiplexed_async_connection().await.unwrap();
-    (prefix, redis, conn)
-}
-
 /// A stream written by an earlier version (entry ids `<seq>-0`, a counter key) keeps numbering
 /// after its last event, and replays from any seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_the_earlier_scheme_keeps_its_numbering() {
-    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     let stream = format!("{{{prefix}}}:ev:{job}");
@@ -90,7 +74,7 @@ async fn a_stream_of_the_earlier_scheme_keeps_its_numbering() {
 /// keeps numbering after its last event, and replays from any seq.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_of_the_previous_scheme_keeps_its_numbering() {
-    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     let stream = format!("{{{prefix}}}:ev:{job}");
@@ -150,7 +134,7 @@ async fn numbering_goes_on_past_the_lists_trim_for_events_published_together() {
 
 async fn numbering_past_the_trim(group: u64) {
     let (prefix, redis, mut conn) =
-        under_fresh_prefix(common::fresh_config().event_retention(5)).await;
+        common::under_fresh_prefix(common::fresh_config().event_retention(5)).await;
     let bus = redis.bus();
     let job = JobId::new();
     let list = format!("{{{prefix}}}:evl:{job}");
@@ -189,7 +173,7 @@ async fn numbering_past_the_trim(group: u64) {
 /// number-to-string (`%.14g`) would give them an exponent and lose their last digits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seqs_past_ten_to_the_fourteenth_stay_exact() {
-    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     let progress = || EventPayload::Progress {
@@ -239,7 +223,7 @@ async fn seqs_past_ten_to_the_fourteenth_stay_exact() {
 /// one-entry stream takes (Redis allocates a stream's first node at 4 KB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_jobs_events_take_little_memory() {
-    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     for state in [JobState::Queued, JobState::Running] {
@@ -261,7 +245,7 @@ async fn a_jobs_events_take_little_memory() {
 /// its told end is still told once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_list_of_events_with_their_job_id_reads_on() {
-    let (prefix, redis, mut conn) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     let with_id = |seq, payload| {
@@ -324,7 +308,7 @@ async fn a_job_queued_again_keeps_its_events() {
 /// on its own line), which subscribers read as the events themselves, live.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_published_together_are_one_message_read_live() {
-    let (prefix, redis, _) = under_fresh_prefix(common::fresh_config()).await;
+    let (prefix, redis, _) = common::under_fresh_prefix(common::fresh_config()).await;
     let bus = redis.bus();
     let job = JobId::new();
     let client = redis::Client::open(common::redis_url()).unwrap();

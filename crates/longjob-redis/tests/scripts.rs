@@ -11,14 +11,8 @@ use longjob_core::{JobId, Queue};
 /// (`%.14g`) would write it with an exponent, which no client could read back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_past_ten_to_the_fourteenth_stay_exact() {
-    let config = common::fresh_config();
-    let counter = format!("{{{}}}:q:seq", config.prefix);
-    let redis = common::connect(config).await;
-    let mut conn = redis::Client::open(common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
+    let counter = format!("{{{prefix}}}:q:seq");
     let () = redis::cmd("SET")
         .arg(&counter)
         .arg("999999999999999")
@@ -48,12 +42,7 @@ async fn tokens_past_ten_to_the_fourteenth_stay_exact() {
 /// by the call that finds them missing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flushed_script_cache_is_loaded_again() {
-    let redis = common::fresh().await;
-    let mut conn = redis::Client::open(common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (_, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
     let queue = redis.queue();
     let job = JobId::new();
     queue.push(job, Duration::ZERO).await.unwrap();
@@ -74,14 +63,8 @@ async fn a_flushed_script_cache_is_loaded_again() {
 /// and after they are all acked: as a listpack, every access would scan it end to end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tokens_hash_stays_a_hash_table() {
-    let config = common::fresh_config();
-    let tokens = format!("{{{}}}:q:tokens", config.prefix);
-    let redis = common::connect(config).await;
-    let mut conn = redis::Client::open(common::redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let (prefix, redis, mut conn) = common::under_fresh_prefix(common::fresh_config()).await;
+    let tokens = format!("{{{prefix}}}:q:tokens");
     let queue = redis.queue();
     let job = JobId::new();
     queue.push(job, Duration::ZERO).await.unwrap();

@@ -39,3 +39,19 @@ pub async fn connect(config: RedisConfig) -> Redis {
         ),
     }
 }
+
+/// A Redis handle on `config` (a fresh prefix from [`fresh_config`]), its prefix (for
+/// key names), and a plain connection to look at its keys.
+pub async fn under_fresh_prefix(
+    config: longjob_redis::RedisConfig,
+) -> (
+    String,
+    longjob_redis::Redis,
+    redis::aio::MultiplexedConnection,
+) {
+    let prefix = config.prefix.clone();
+    let redis = connect(config).await;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    (prefix, redis, conn)
+}
