@@ -40,11 +40,7 @@ struct Rfc3339<'a>(&'a DateTime<Utc>);
 
 impl Serialize for Rfc3339<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut buf = [0u8; MAX_LEN];
-        match write(self.0, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len]).ok()) {
-            Some(text) => s.serialize_str(text),
-            None => s.serialize_str(&self.0.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
-        }
+        with_text(self.0, |text| s.serialize_str(text))
     }
 }
 
@@ -60,10 +56,16 @@ impl Serialize for Rfc3339<'_> {
 /// assert_eq!(out, "at 2026-12-07T14:30:05Z");
 /// ```
 pub fn push(at: &DateTime<Utc>, out: &mut String) {
+    with_text(at, |text| out.push_str(text));
+}
+
+/// Hands `at`'s text to `f`: written in place by [`write`] for the years it covers, chrono's
+/// own for the others.
+fn with_text<R>(at: &DateTime<Utc>, f: impl FnOnce(&str) -> R) -> R {
     let mut buf = [0u8; MAX_LEN];
     match write(at, &mut buf).and_then(|len| std::str::from_utf8(&buf[..len]).ok()) {
-        Some(text) => out.push_str(text),
-        None => out.push_str(&at.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
+        Some(text) => f(text),
+        None => f(&at.to_rfc3339_opts(SecondsFormat::AutoSi, true)),
     }
 }
 

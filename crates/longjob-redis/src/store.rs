@@ -408,7 +408,7 @@ fn finished_micros(job: &Job) -> i64 {
     micros(job.finished_at.unwrap_or(job.updated_at))
 }
 
-fn num(s: Option<&&str>) -> u64 {
+fn num(s: Option<&str>) -> u64 {
     s.and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
@@ -455,12 +455,12 @@ async fn update_many(
             "conflict" => Err(BackendError::Conflict {
                 id: job.id,
                 expected: job.version,
-                actual: num(answer.get(1)),
+                actual: num(answer.get(1).copied()),
             }),
             "fenced" => Err(BackendError::Fenced {
                 id: job.id,
                 token: job.lease_token,
-                current: num(answer.get(2)),
+                current: num(answer.get(2).copied()),
             }),
             other => Err(BackendError::corrupt(
                 BACKEND,
