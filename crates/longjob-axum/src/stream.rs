@@ -232,6 +232,31 @@ pub(crate) async fn websocket(
     }))
 }
 
+/// How long a closing server waits for the client's Close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// Sends a Close frame, then reads until the client's Close (or the wait ends). Dropping the
+/// socket at once would close it with the client's unread frames (pongs to our pings) in its
+/// receive buffer, which makes the kernel reset the connection, and a reset can discard the
+/// last event and the Close frame before the client reads them.
+async fn close(socket: &mut WebSocket, reason: &'static str) {
+    let frame = CloseFrame {
+        code: 1000,
+        reason: reason.into(),
+    };
+    if socket.send(Message::Close(Some(frame))).await.is_err() {
+        return;
+    }
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        while let Some(Ok(msg)) = socket.recv().await {
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
+}
+
 async fn pump(
     mut socket: WebSocket,
     mut outs: BoxStream<'static, Out>,
@@ -243,7 +268,7 @@ async fn pump(
         tokio::select! {
             out = outs.next() => {
                 let Some(out) = out else {
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "stream ended".into() }))).await;
+                    close(&mut socket, "stream ended").await;
                     return;
                 };
                 if socket.send(Message::text(out.json)).await.is_err() {
@@ -251,7 +276,7 @@ async fn pump(
                 }
                 state.metrics.events_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 if out.terminal {
-                    let _ = socket.send(Message::Close(Some(CloseFrame { code: 1000, reason: "job finished".into() }))).await;
+                    close(&mut socket, "job finished").await;
                     return;
                 }
             }
