@@ -175,9 +175,11 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
     let start_payload = EventPayload::status_of(&job);
 
     let timeout = lj.config().timeouts.job;
+    // The job itself moves into the context, which keeps it as last written.
+    let (job_id, payload) = (job.id, job.payload.clone());
     let started = Instant::now();
     let ctx = JobContext::new(ContextInner {
-        job_id: job.id,
+        job_id,
         attempt: job.attempt,
         owner: job.owner.clone(),
         lease_token: lease.token,
@@ -201,12 +203,12 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
             last_flush: started,
             dirty: false,
         }),
-        stored: tokio::sync::Mutex::new(job.clone()),
+        stored: tokio::sync::Mutex::new(job),
     });
-    if let Some(entry) = lock(&shared.running).get_mut(&job.id) {
+    if let Some(entry) = lock(&shared.running).get_mut(&job_id) {
         entry.1 = Some(ctx.clone());
     }
-    let run = handler(ctx.clone(), job.payload.clone());
+    let run = handler(ctx.clone(), payload);
     let run = async {
         let outcome = tokio::select! {
             r = tokio::time::timeout(timeout, run) => match r {
@@ -236,7 +238,7 @@ async fn attempt(shared: &Shared, lease: Lease, slot: &mut Slot) -> Result<(), B
         if held {
             *lock(&ctx.inner().held_start) = Some(start_payload);
         } else if write_deferred_start(shared, &ctx).await {
-            let _ = lj.bus().publish(job.id, start_payload).await;
+            let _ = lj.bus().publish(job_id, start_payload).await;
         }
         ctx.inner().start_announced.cancel();
     };
@@ -532,6 +534,8 @@ async fn write_final(
     change: impl Fn(&mut Job) -> bool,
 ) -> Result<Option<Job>, BackendError> {
     let lj = &shared.lj;
+    // The job as last read, which each round changes into the write it sends: a conflict
+    // reads it again, so no copy of it is kept aside.
     let mut job = ctx.inner().stored.lock().await.clone();
     for _ in 0..16 {
         if job.lease_token != lease.token {
@@ -548,12 +552,11 @@ async fn write_final(
             }
             return Ok(None);
         }
-        let mut next = job.clone();
-        ctx.apply_tracked(&mut next);
-        if !change(&mut next) {
+        ctx.apply_tracked(&mut job);
+        if !change(&mut job) {
             return Ok(None);
         }
-        match persist_update(shared, &next).await {
+        match persist_update(shared, &job).await {
             Ok(written) => return Ok(Some(written)),
             Err(BackendError::Conflict { .. }) => {
                 match persist(shared, || lj.store().get(lease.job_id)).await? {
