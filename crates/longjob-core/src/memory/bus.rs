@@ -1,4 +1,4 @@
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -8,6 +8,7 @@ use tokio::sync::broadcast;
 
 use super::lock;
 use crate::bus::{CancelStream, EventStream};
+use crate::id::IdMap;
 use crate::{
     BackendResult, EventPayload, JobError, JobEvent, JobId, JobState, Progress, ProgressBus,
 };
@@ -26,7 +27,7 @@ pub struct MemoryProgressBus {
 
 #[derive(Debug, Default)]
 struct Inner {
-    jobs: HashMap<JobId, Channel>,
+    jobs: IdMap<Channel>,
 }
 
 #[derive(Debug, Default)]

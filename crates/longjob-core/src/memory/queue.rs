@@ -1,4 +1,4 @@
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -7,6 +7,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::lock;
+use crate::id::IdMap;
 use crate::queue::{Lease, QueueStats};
 use crate::{BackendResult, JobId, Queue};
 
@@ -25,7 +26,7 @@ struct Inner {
     waiting: BTreeSet<(Instant, u64, JobId)>,
     /// Leases by (expiry, token).
     leases: BTreeSet<(Instant, u64, JobId)>,
-    entries: HashMap<JobId, Entry>,
+    entries: IdMap<Entry>,
     next_token: u64,
     next_order: u64,
 }

@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::lock;
+use crate::id::IdMap;
 use crate::store::{Inserted, OwnerCounts, OwnerQuota, QuotaHit};
 use crate::{
     BackendError, BackendResult, ItemRecord, Job, JobError, JobId, JobResult, JobState, JobStore,
@@ -45,7 +46,7 @@ pub struct MemoryJobStore {
 struct Inner {
     /// Boxed, so the table's slack (up to half of it after a resize) costs a pointer per slot
     /// rather than a whole job.
-    jobs: HashMap<JobId, Box<Stored>>,
+    jobs: IdMap<Box<Stored>>,
     /// (owner, key) → (job, expiry of the key)
     idempotency: HashMap<IdempotencySlot, (JobId, DateTime<Utc>)>,
     /// Per owner, so quotas and listings cost the owner's jobs, not everybody's. The key is the

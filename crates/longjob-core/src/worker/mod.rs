@@ -19,8 +19,9 @@ use serde::de::DeserializeOwned;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::id::IdMap;
 use crate::memory::lock;
-use crate::{JobError, JobId, JobResult, Lease, LongJob};
+use crate::{JobError, JobResult, Lease, LongJob};
 use capacity::{Capacity, Slot};
 
 /// Why a running handler was stopped before it returned.
@@ -196,7 +197,7 @@ impl WorkerBuilder {
             capacity: Arc::new(Capacity::new(&self.config)),
             config: self.config,
             handlers: self.handlers,
-            running: Mutex::new(HashMap::new()),
+            running: Mutex::new(IdMap::default()),
             foreign_kinds: Mutex::new(std::collections::HashSet::new()),
             stop_claiming: CancellationToken::new(),
         });
@@ -224,7 +225,7 @@ pub(crate) struct Shared {
     pub(crate) config: WorkerConfig,
     pub(crate) handlers: HashMap<String, ErasedHandler>,
     /// Jobs running here: their lease and their context (to stop them).
-    pub(crate) running: Mutex<HashMap<JobId, (Lease, Option<JobContext>)>>,
+    pub(crate) running: Mutex<IdMap<(Lease, Option<JobContext>)>>,
     /// Kinds without a handler here that were met already: each is logged as a warning once,
     /// not at every offer of each of its jobs.
     pub(crate) foreign_kinds: Mutex<std::collections::HashSet<String>>,
