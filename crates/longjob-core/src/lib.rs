@@ -24,6 +24,7 @@ pub mod event;
 mod facade;
 mod id;
 pub mod job;
+mod job_json;
 pub mod local_disk;
 pub mod memory;
 pub mod policy;

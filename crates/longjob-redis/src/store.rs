@@ -393,7 +393,7 @@ impl RedisJobStore {
 }
 
 fn encode(job: &Job) -> BackendResult<String> {
-    serde_json::to_string(job).map_err(|e| BackendError::corrupt(BACKEND, e))
+    job.to_json().map_err(|e| BackendError::corrupt(BACKEND, e))
 }
 
 fn decode(json: &str) -> BackendResult<Job> {

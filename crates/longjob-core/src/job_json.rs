@@ -1,0 +1,260 @@
+//! A job's JSON written by hand: the same text as `serde_json::to_string(&job)`, for stores
+//! that keep a job as one JSON document (Redis) and write it once or twice a job.
+//!
+//! Why: serde_json escapes every key of a struct byte by byte as it does any string, and a
+//! job has nineteen of them; with the timestamps, the progress object and the version
+//! numbers, `to_string` took about 8k instructions a job, a seventh of what the worker's
+//! process does for a job on Redis. Here the keys are written as they are, and a string
+//! value is escaped only when it holds a character JSON requires escaped. The fields that
+//! are rare or have many forms (items, error, result, the payload) still go through serde.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use chrono::{DateTime, Utc};
+
+use crate::{Job, Progress, rfc3339};
+
+impl Job {
+    /// The job as JSON: the same text as `serde_json::to_string(self)`, written faster.
+    ///
+    /// ```
+    /// use longjob_core::Job;
+    ///
+    /// let job = Job::new("download", "alice", serde_json::json!({"file_ids": [1, 2]}));
+    /// assert_eq!(job.to_json()?, serde_json::to_string(&job)?);
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
+    pub fn to_json(&self) -> Result<String, serde_json::Error> {
+        let mut out = String::with_capacity(448);
+        out.push_str("{\"id\":\"");
+        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        out.push_str(self.id.as_uuid().hyphenated().encode_lower(&mut id));
+        out.push_str("\",\"kind\":");
+        push_str(&mut out, &self.kind)?;
+        out.push_str(",\"owner\":");
+        push_str(&mut out, &self.owner)?;
+        out.push_str(",\"payload\":");
+        // `Value`'s `Display` is serde_json's compact writer, straight into `out`.
+        write!(out, "{}", self.payload).map_err(serde::ser::Error::custom)?;
+        out.push_str(",\"state\":\"");
+        out.push_str(self.state.as_str());
+        out.push_str("\",\"attempt\":");
+        push_u64(&mut out, self.attempt.into());
+        out.push_str(",\"maxAttempts\":");
+        push_u64(&mut out, self.max_attempts.into());
+        out.push_str(",\"progress\":");
+        push_progress(&mut out, &self.progress);
+        out.push_str(",\"items\":");
+        if self.items.is_empty() {
+            out.push_str("[]");
+        } else {
+            push_serde(&mut out, &self.items)?;
+        }
+        if let Some(error) = &self.error {
+            out.push_str(",\"error\":");
+            push_serde(&mut out, error)?;
+        }
+        if let Some(result) = &self.result {
+            out.push_str(",\"result\":");
+            push_serde(&mut out, result)?;
+        }
+        if let Some(key) = &self.idempotency_key {
+            out.push_str(",\"idempotencyKey\":");
+            push_str(&mut out, key)?;
+        }
+        push_time(&mut out, ",\"createdAt\":\"", Some(&self.created_at));
+        push_time(&mut out, ",\"updatedAt\":\"", Some(&self.updated_at));
+        push_time(&mut out, ",\"startedAt\":\"", self.started_at.as_ref());
+        push_time(&mut out, ",\"finishedAt\":\"", self.finished_at.as_ref());
+        push_time(&mut out, ",\"runAt\":\"", self.run_at.as_ref());
+        out.push_str(",\"leaseToken\":");
+        push_u64(&mut out, self.lease_token);
+        out.push_str(",\"version\":");
+        push_u64(&mut out, self.version);
+        out.push('}');
+        Ok(out)
+    }
+}
+
+/// `s` as a JSON string. serde_json escapes `"`, `\` and the control characters below
+/// U+0020, nothing else; a string without them is written as it is.
+fn push_str(out: &mut String, s: &str) -> Result<(), serde_json::Error> {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        return push_serde(out, s);
+    }
+    out.push('"');
+    out.push_str(s);
+    out.push('"');
+    Ok(())
+}
+
+fn push_serde<T: Serialize + ?Sized>(out: &mut String, value: &T) -> Result<(), serde_json::Error> {
+    out.push_str(&serde_json::to_string(value)?);
+    Ok(())
+}
+
+fn push_u64(out: &mut String, n: u64) {
+    out.push_str(itoa::Buffer::new().format(n));
+}
+
+/// `key_and_quote` then the time and its closing quote; nothing when there is no time (the
+/// optional times are left out, as serde's `skip_serializing_if` does).
+fn push_time(out: &mut String, key_and_quote: &str, at: Option<&DateTime<Utc>>) {
+    if let Some(at) = at {
+        out.push_str(key_and_quote);
+        rfc3339::push(at, out);
+        out.push('"');
+    }
+}
+
+/// As `Progress` serializes (through its wire form): `current`, `total`, `percentage`,
+/// `bytesDone`, then `estimatedTimeRemainingMs` when known.
+fn push_progress(out: &mut String, p: &Progress) {
+    out.push_str("{\"current\":");
+    push_u64(out, p.current);
+    out.push_str(",\"total\":");
+    push_u64(out, p.total);
+    out.push_str(",\"percentage\":");
+    let percentage = p.percentage();
+    if percentage.is_finite() {
+        // serde_json writes a finite f64 with ryu, and anything else as null.
+        out.push_str(ryu::Buffer::new().format_finite(percentage));
+    } else {
+        out.push_str("null");
+    }
+    out.push_str(",\"bytesDone\":");
+    push_u64(out, p.bytes_done);
+    if let Some(eta) = p.eta_ms {
+        out.push_str(",\"estimatedTimeRemainingMs\":");
+        push_u64(out, eta);
+    }
+    out.push('}');
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::{ErrorKind, ItemRecord, ItemStatus, JobError, JobResult, JobState};
+
+    /// Text with what JSON escapes (quotes, backslashes, control characters), what it does not
+    /// (non-ASCII, DEL), and plain ASCII.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9_-]{0,12}",
+            proptest::collection::vec(
+                prop_oneof![
+                    Just('"'),
+                    Just('\\'),
+                    Just('\n'),
+                    Just('\u{1}'),
+                    Just('\u{1f}'),
+                    Just('\u{7f}'),
+                    Just('é'),
+                    Just('✓'),
+                    Just('/'),
+                    any::<char>(),
+                    proptest::char::range('a', 'z'),
+                ],
+                0..16,
+            )
+            .prop_map(|chars| chars.into_iter().collect()),
+        ]
+    }
+
+    /// Times from before year 0 to past 9999 (written by chrono, not by hand), with and without
+    /// fractions of a second.
+    fn time() -> impl Strategy<Value = DateTime<Utc>> {
+        prop_oneof![
+            (0i64..4_102_444_800, 0u32..1_000_000_000),
+            (-70_000_000_000i64..260_000_000_000, 0u32..2),
+        ]
+        .prop_map(|(secs, nanos)| {
+            Utc.timestamp_opt(secs, nanos)
+                .single()
+                .unwrap_or_else(Utc::now)
+        })
+    }
+
+    fn payload() -> impl Strategy<Value = serde_json::Value> {
+        prop_oneof![
+            any::<i64>().prop_map(serde_json::Value::from),
+            text().prop_map(serde_json::Value::from),
+            (text(), any::<f64>(), any::<bool>()).prop_map(|(k, x, b)| {
+                serde_json::json!({ k: [x, b, null], "file_ids": [1, 2, 3] })
+            }),
+        ]
+    }
+
+    fn item() -> impl Strategy<Value = ItemRecord> {
+        (
+            text(),
+            any::<bool>(),
+            any::<Option<u64>>(),
+            proptest::option::of(text()),
+        )
+            .prop_map(|(id, done, size, error)| ItemRecord {
+                id,
+                status: if done {
+                    ItemStatus::Completed
+                } else {
+                    ItemStatus::Failed
+                },
+                size,
+                error,
+            })
+    }
+
+    prop_compose! {
+        fn job()(
+            kind in text(),
+            owner in text(),
+            payload in payload(),
+            state in proptest::sample::select(JobState::ALL.to_vec()),
+            attempts in (any::<u32>(), any::<u32>()),
+            progress in (0u64..10, 0u64..10, any::<u64>(), any::<Option<u64>>(), any::<bool>()),
+            items in proptest::collection::vec(item(), 0..3),
+            error in proptest::option::of(text()),
+            result in proptest::option::of((text(), any::<u64>(), text(), proptest::option::of(text()))),
+            key in proptest::option::of(text()),
+            times in (time(), time(), proptest::option::of(time()), proptest::option::of(time()), proptest::option::of(time())),
+            numbers in (any::<u64>(), any::<u64>()),
+        ) -> Job {
+            let mut job = Job::new(kind, owner, payload);
+            job.state = state;
+            (job.attempt, job.max_attempts) = attempts;
+            let (current, total, bytes_done, eta_ms, huge) = progress;
+            // Huge counts give percentages far from one decimal (and their float forms).
+            let scale = if huge { u64::MAX / 16 } else { 1 };
+            job.progress = Progress { current: current * scale, total: total * scale, bytes_done, eta_ms };
+            job.items = items;
+            job.error = error.map(|m| JobError::new(ErrorKind::Validation, m));
+            job.result = result.map(|(blob_key, size, file_name, content_type)| JobResult { blob_key, size, file_name, content_type });
+            job.idempotency_key = key;
+            (job.created_at, job.updated_at, job.started_at, job.finished_at, job.run_at) = times;
+            (job.lease_token, job.version) = numbers;
+            job
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn is_what_serde_writes(job in job()) {
+            let by_hand = job.to_json().expect("a job always serializes");
+            prop_assert_eq!(&by_hand, &serde_json::to_string(&job).expect("serde"));
+            let back: Job = serde_json::from_str(&by_hand).expect("it reads back");
+            prop_assert_eq!(back.id, job.id);
+        }
+    }
+
+    #[test]
+    fn a_fresh_job_is_what_serde_writes() {
+        let job = Job::new("noop", "alice", serde_json::json!(1));
+        assert_eq!(job.to_json().ok(), serde_json::to_string(&job).ok());
+    }
+}
