@@ -39,7 +39,7 @@ impl Out {
         Self {
             seq: event.seq,
             kind: event.payload.type_name(),
-            json: serde_json::to_string(event).unwrap_or_default(),
+            json: event.to_json().unwrap_or_default(),
             terminal: event.is_terminal(),
         }
     }

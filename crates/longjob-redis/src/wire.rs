@@ -19,8 +19,10 @@ const WITH_JOB_ID: &str = ",\"jobId\":";
 /// serializes through serde's flattening (a map, field by field) and writes the job id only
 /// for it to be cut off, which cost as much as the rest of the body.
 pub(crate) fn body(event: &JobEvent) -> BackendResult<String> {
-    let payload =
-        serde_json::to_string(&event.payload).map_err(|e| BackendError::corrupt(BACKEND, e))?;
+    let payload = event
+        .payload
+        .to_json()
+        .map_err(|e| BackendError::corrupt(BACKEND, e))?;
     // An object with its `type` at least: `{"type":…}`.
     let fields = payload
         .strip_prefix('{')
