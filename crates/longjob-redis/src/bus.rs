@@ -459,10 +459,7 @@ async fn publish_many(
         }
     }
     for (job, expiry, bodies) in &runs {
-        call.arg(job.to_string())
-            .arg(expiry)
-            .arg(bodies.len())
-            .arg(bodies);
+        call.id(*job).arg(expiry).arg(bodies.len()).arg(bodies);
     }
     let firsts: Vec<u64> = redis
         .shared

@@ -336,7 +336,7 @@ impl RedisQueue {
         );
         call.arg(&self.wake).arg(millis(delay));
         for job in jobs {
-            call.arg(job.to_string());
+            call.id(*job);
         }
         let _: i64 = self
             .redis
@@ -410,7 +410,7 @@ async fn ack_many(
 ) -> BackendResult<Vec<BackendResult<bool>>> {
     let mut call = ScriptCall::new(&ACK_MANY, &[&keys[0], &keys[1]]);
     for lease in &leases {
-        call.arg(lease.job_id.to_string()).arg(lease.token);
+        call.id(lease.job_id).arg(lease.token);
     }
     let done: String = redis
         .shared
@@ -478,7 +478,7 @@ impl Queue for RedisQueue {
         let mut call = ScriptCall::new(&EXTEND, &[&self.leased, &self.tokens]);
         call.arg(millis(ttl).max(1));
         for lease in leases {
-            call.arg(lease.job_id.to_string()).arg(lease.token);
+            call.id(lease.job_id).arg(lease.token);
         }
         let held: String = self
             .redis
@@ -494,7 +494,7 @@ impl Queue for RedisQueue {
 
     async fn requeue(&self, lease: &Lease, delay: Duration) -> BackendResult<bool> {
         let mut call = ScriptCall::new(&REQUEUE, &[&self.leased, &self.tokens, &self.waiting]);
-        call.arg(lease.job_id.to_string())
+        call.id(lease.job_id)
             .arg(lease.token)
             .arg(millis(delay))
             .arg(&self.wake);

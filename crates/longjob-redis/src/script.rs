@@ -1,6 +1,7 @@
 //! [`ScriptCall`]: one `EVALSHA` with its keys and arguments written straight into the
 //! command that is sent.
 
+use longjob_core::JobId;
 use redis::aio::MultiplexedConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind, ToRedisArgs};
 
@@ -19,9 +20,33 @@ pub(crate) struct ScriptCall {
 impl ScriptCall {
     /// A call of `script` with `keys` (its `KEYS`); its `ARGV` follow with [`arg`](Self::arg).
     pub(crate) fn new(script: &'static Script, keys: &[&str]) -> Self {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(script.get_hash()).arg(keys.len()).arg(keys);
+        Self::with_capacity(script, keys, 0, 0)
+    }
+
+    /// A call with room for `args` arguments of about `bytes` bytes in all: a batch's
+    /// command is tens of kilobytes, and a buffer that grows copies itself each time it does.
+    pub(crate) fn with_capacity(
+        script: &'static Script,
+        keys: &[&str],
+        args: usize,
+        bytes: usize,
+    ) -> Self {
+        let keys_len: usize = keys.iter().map(|k| k.len()).sum();
+        let mut cmd = Cmd::with_capacity(3 + keys.len() + args, 64 + keys_len + bytes);
+        cmd.arg("EVALSHA")
+            .arg(script.get_hash())
+            .arg(keys.len())
+            .arg(keys);
         Self { script, cmd }
+    }
+
+    /// Appends a job id, hyphenated, to `ARGV` (written from the stack: `to_string` would
+    /// format it through `Display` into a string of its own).
+    pub(crate) fn id(&mut self, id: JobId) -> &mut Self {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        self.cmd
+            .arg(&*id.as_uuid().hyphenated().encode_lower(&mut text));
+        self
     }
 
     /// Appends `arg` (or, for a slice or vector, each of its items) to `ARGV`.
