@@ -206,6 +206,11 @@ impl ApiBuilder {
     }
 
     /// Wraps `router` in the API's cross-cutting layers (see the crate's documentation).
+    ///
+    /// The layers wrap `router` whole, its fallback included, and the result holds it as its
+    /// own fallback: routes added to the result afterwards are outside the layers (as with
+    /// `Router::layer`), and a fallback given to the result replaces all of `router`, so give
+    /// `router` its fallback before wrapping it.
     pub fn layers(&self, router: Router) -> Router {
         layers(router, &self.config, Arc::clone(&self.metrics))
     }
@@ -217,6 +222,9 @@ impl ApiBuilder {
 
     /// The complete application with `extra` routes of the host merged in (under the same
     /// layers and fallback).
+    ///
+    /// As with [`layers`](Self::layers), the application is the result's fallback: add routes
+    /// through `extra`, not by giving the result a fallback of its own, which would replace it.
     pub fn build_with(self, extra: Router) -> Router {
         let config = self.config.clone();
         let metrics = Arc::clone(&self.metrics);
