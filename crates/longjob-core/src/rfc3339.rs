@@ -177,7 +177,7 @@ pub fn deserialize_opt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTim
 /// fraction widths it does not write), taken apart by hand; `None` for any other form (an
 /// offset, a lowercase `t`, a leap second (`and_hms_nano_opt` refuses second 60), a date that
 /// does not exist), which the caller leaves to chrono.
-fn read(text: &str) -> Option<DateTime<Utc>> {
+pub(crate) fn read(text: &str) -> Option<DateTime<Utc>> {
     let b = text.as_bytes();
     let num = |from: usize, width: usize| -> Option<u32> {
         b.get(from..from + width)?.iter().try_fold(0u32, |n, &c| {

@@ -397,7 +397,7 @@ fn encode(job: &Job) -> BackendResult<String> {
 }
 
 fn decode(json: &str) -> BackendResult<Job> {
-    serde_json::from_str(json).map_err(|e| BackendError::corrupt(BACKEND, format!("job: {e}")))
+    Job::from_json(json).map_err(|e| BackendError::corrupt(BACKEND, format!("job: {e}")))
 }
 
 fn terminal(job: &Job) -> &'static str {
