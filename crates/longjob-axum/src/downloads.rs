@@ -148,13 +148,7 @@ pub struct InitiateResponse {
 /// `{prefix}{route}{id}{rest}`, put together without `format!`'s machinery (four of these
 /// answer every `initiate`).
 fn job_url(prefix: &str, route: &str, id: JobId, rest: &str) -> String {
-    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = id.as_uuid().hyphenated().encode_lower(&mut text);
-    let mut url = String::with_capacity(prefix.len() + route.len() + id.len() + rest.len());
-    for part in [prefix, route, id, rest] {
-        url.push_str(part);
-    }
-    url
+    id.with_text(|id| [prefix, route, id, rest].concat())
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {

@@ -45,6 +45,21 @@ impl JobId {
     pub const fn as_uuid(&self) -> &Uuid {
         &self.0
     }
+
+    /// Hands the id's text (hyphenated, as `Display` writes it) to `f`, written into a buffer
+    /// on the stack: for writers on a hot path, where `to_string` would format it through
+    /// `Display` into a string of its own.
+    ///
+    /// ```
+    /// use longjob_core::JobId;
+    ///
+    /// let id = JobId::new();
+    /// assert_eq!(id.with_text(str::to_owned), id.to_string());
+    /// ```
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        f(self.0.hyphenated().encode_lower(&mut text))
+    }
 }
 
 impl Default for JobId {

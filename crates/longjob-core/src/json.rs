@@ -36,8 +36,7 @@ impl Job {
     pub fn to_json(&self) -> Result<String, serde_json::Error> {
         let mut out = String::with_capacity(448);
         out.push_str("{\"id\":\"");
-        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        out.push_str(self.id.as_uuid().hyphenated().encode_lower(&mut id));
+        self.id.with_text(|id| out.push_str(id));
         out.push_str("\",\"kind\":");
         push_str(&mut out, &self.kind)?;
         out.push_str(",\"owner\":");
@@ -313,8 +312,7 @@ impl JobEvent {
         out.push_str("{\"seq\":");
         push_u64(&mut out, self.seq);
         out.push_str(",\"jobId\":\"");
-        let mut id = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        out.push_str(self.job_id.as_uuid().hyphenated().encode_lower(&mut id));
+        self.job_id.with_text(|id| out.push_str(id));
         push_time(&mut out, "\",\"at\":\"", Some(&self.at));
         out.push(',');
         push_payload_fields(&mut out, &self.payload)?;

@@ -40,12 +40,10 @@ impl ScriptCall {
         Self { script, cmd }
     }
 
-    /// Appends a job id, hyphenated, to `ARGV` (written from the stack: `to_string` would
-    /// format it through `Display` into a string of its own).
+    /// Appends a job id, hyphenated, to `ARGV` (written from the stack, see
+    /// [`JobId::with_text`]).
     pub(crate) fn id(&mut self, id: JobId) -> &mut Self {
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        self.cmd
-            .arg(&*id.as_uuid().hyphenated().encode_lower(&mut text));
+        id.with_text(|id| self.cmd.arg(id));
         self
     }
 
