@@ -14,6 +14,9 @@
 //! instructions a job), and hands any other text to serde whole, so that what it accepts and
 //! how it reads it stay serde's: a test alters a job's JSON at random (a character changed,
 //! added, removed, the text cut short) and checks that both read it alike.
+//!
+//! [`push_str`] writes one string the same way, for JSON bodies written by hand elsewhere (the
+//! HTTP face's answer to `initiate`).
 
 use std::fmt::Write as _;
 
@@ -38,9 +41,9 @@ impl Job {
         out.push_str("{\"id\":\"");
         self.id.with_text(|id| out.push_str(id));
         out.push_str("\",\"kind\":");
-        push_str(&mut out, &self.kind)?;
+        push_str(&mut out, &self.kind);
         out.push_str(",\"owner\":");
-        push_str(&mut out, &self.owner)?;
+        push_str(&mut out, &self.owner);
         out.push_str(",\"payload\":");
         // `Value`'s `Display` is serde_json's compact writer, straight into `out`.
         write!(out, "{}", self.payload).map_err(serde::ser::Error::custom)?;
@@ -68,7 +71,7 @@ impl Job {
         }
         if let Some(key) = &self.idempotency_key {
             out.push_str(",\"idempotencyKey\":");
-            push_str(&mut out, key)?;
+            push_str(&mut out, key);
         }
         push_time(&mut out, ",\"createdAt\":\"", Some(&self.created_at));
         push_time(&mut out, ",\"updatedAt\":\"", Some(&self.updated_at));
@@ -359,7 +362,7 @@ fn push_payload_fields(out: &mut String, payload: &EventPayload) -> Result<(), s
         } => {
             if let Some(url) = download_url {
                 out.push_str(",\"downloadUrl\":");
-                push_str(out, url)?;
+                push_str(out, url);
             }
             push_time(out, ",\"expiresAt\":\"", expires_at.as_ref());
             if let Some(size) = size {
@@ -378,16 +381,77 @@ fn push_payload_fields(out: &mut String, payload: &EventPayload) -> Result<(), s
     Ok(())
 }
 
-/// `s` as a JSON string. serde_json escapes `"`, `\` and the control characters below
-/// U+0020, nothing else; a string without them is written as it is.
-fn push_str(out: &mut String, s: &str) -> Result<(), serde_json::Error> {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
-        return push_serde(out, s);
+/// Appends `s` to `out` as a JSON string: the same text as `serde_json::to_string(s)`, which
+/// escapes `"`, `\` and the control characters below U+0020 (`\b`, `\f`, `\n`, `\r`, `\t`
+/// by name, the others as `\u00XX` in lowercase hex) and nothing else. serde_json looks
+/// a string over a byte at a time through its writer; here the bytes that need nothing are
+/// copied in runs. For bodies written by hand, as `longjob-axum`'s `initiate` answer is.
+///
+/// ```
+/// let mut out = String::new();
+/// longjob_core::json::push_str(&mut out, "a \"quoted\" path\\\n\u{1}é");
+/// assert_eq!(out, serde_json::to_string("a \"quoted\" path\\\n\u{1}é")?);
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+pub fn push_str(out: &mut String, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(s.len() + 2);
+    out.push('"');
+    let first = first_to_escape(s.as_bytes());
+    let mut run = 0;
+    for (i, b) in s.bytes().enumerate().skip(first) {
+        let named = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        // `i` is at an ASCII byte, so both slices end on character boundaries.
+        out.push_str(&s[run..i]);
+        if named.is_empty() {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(named);
+        }
+        run = i + 1;
     }
+    out.push_str(&s[run..]);
     out.push('"');
-    out.push_str(s);
-    out.push('"');
-    Ok(())
+}
+
+/// The index of the first byte of `bytes` that JSON escapes (`"`, `\`, below 0x20), or its
+/// length. Eight bytes at a time: a byte of a word is below 0x20 when subtracting 0x20 from it
+/// borrows while its top bit is clear, and equal to `c` when its XOR with `c` is zero, tested
+/// the same way against 1. A borrow can mark a byte above a true hit too, never a word without
+/// one, and the word with a hit is then looked over a byte at a time.
+fn first_to_escape(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([1; 8]);
+    const TOPS: u64 = ONES << 7;
+    let zero_byte = |w: u64| w.wrapping_sub(ONES) & !w;
+    let mut start = 0;
+    for chunk in bytes.chunks_exact(8) {
+        let mut word = [0; 8];
+        word.copy_from_slice(chunk);
+        let w = u64::from_ne_bytes(word);
+        let control = w.wrapping_sub(ONES * 0x20) & !w;
+        let quote = zero_byte(w ^ (ONES * u64::from(b'"')));
+        let backslash = zero_byte(w ^ (ONES * u64::from(b'\\')));
+        if (control | quote | backslash) & TOPS != 0 {
+            break;
+        }
+        start += 8;
+    }
+    bytes[start..]
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
+        .map_or(bytes.len(), |i| start + i)
 }
 
 fn push_serde<T: Serialize + ?Sized>(out: &mut String, value: &T) -> Result<(), serde_json::Error> {
@@ -606,6 +670,13 @@ mod tests {
         }
 
         #[test]
+        fn a_string_is_what_serde_writes(s in text(), prefix in text()) {
+            let mut out = prefix.clone();
+            push_str(&mut out, &s);
+            prop_assert_eq!(out, prefix + &serde_json::to_string(&s).expect("serde"));
+        }
+
+        #[test]
         fn is_what_serde_writes(job in job()) {
             let by_hand = job.to_json().expect("a job always serializes");
             prop_assert_eq!(&by_hand, &serde_json::to_string(&job).expect("serde"));
@@ -657,6 +728,25 @@ mod tests {
                 _ => chars.truncate(i),
             }
             read_both_ways(&chars.into_iter().collect::<String>())?;
+        }
+    }
+
+    /// Every ASCII character alone, between others, and at every place of a string longer than
+    /// the scan's eight-byte words (after plain and after non-ASCII text), so each escape
+    /// (named, `\u00XX`, none) is checked whatever the random strings drew.
+    #[test]
+    fn every_ascii_character_is_escaped_as_serde_escapes_it() {
+        for c in (0u8..0x80).map(char::from) {
+            let mut strings = vec![c.to_string(), format!("a{c}é{c}{c}z")];
+            for at in 0..20 {
+                strings.push(format!("{}{c}{}", "a".repeat(at), "b".repeat(20 - at)));
+                strings.push(format!("{}{c}{}", "é".repeat(at), "✓".repeat(20 - at)));
+            }
+            for s in strings {
+                let mut out = String::new();
+                push_str(&mut out, &s);
+                assert_eq!(out, serde_json::to_string(&s).expect("serde"), "{s:?}");
+            }
         }
     }
 

@@ -24,7 +24,7 @@ pub mod event;
 mod facade;
 mod id;
 pub mod job;
-mod json;
+pub mod json;
 pub mod local_disk;
 pub mod memory;
 pub mod policy;
