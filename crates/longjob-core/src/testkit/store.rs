@@ -198,19 +198,20 @@ pub async fn stale_fencing_token_cannot_write(store: &impl JobStore) {
             }
         },
     ];
-    for write in attempts {
+    // 9 has fewer digits than 11: a backend comparing tokens as text must not take it as newer.
+    for (stale_token, write) in [10, 9].into_iter().flat_map(|t| attempts.map(|w| (t, w))) {
         let mut stale = store.get(job.id).await.unwrap().unwrap();
-        stale.lease_token = 10;
+        stale.lease_token = stale_token;
         write(&mut stale);
         let err = store.update(&stale).await.unwrap_err();
         assert!(
             matches!(
                 err,
                 BackendError::Fenced {
-                    token: 10,
+                    token,
                     current: 11,
                     ..
-                }
+                } if token == stale_token
             ),
             "{err:?}"
         );
@@ -218,8 +219,27 @@ pub async fn stale_fencing_token_cannot_write(store: &impl JobStore) {
     let now = store.get(job.id).await.unwrap().unwrap();
     assert_eq!(now.state, JobState::Running);
     assert_eq!(now.version, second.version);
+    // A takeover with a token of more digits is newer, and fences 99 off.
+    let mut third = now.clone();
+    third.start(100, Utc::now()).unwrap();
+    let third = store.update(&third).await.unwrap();
+    let mut stale = third.clone();
+    stale.lease_token = 99;
+    stale.complete(None, Utc::now()).unwrap();
+    let err = store.update(&stale).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            BackendError::Fenced {
+                token: 99,
+                current: 100,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // The current holder still writes.
-    let mut done = now.clone();
+    let mut done = third.clone();
     done.complete(None, Utc::now()).unwrap();
     assert_eq!(
         store.update(&done).await.unwrap().state,
