@@ -68,7 +68,8 @@ local function held_many(leased, tokens_key, ids, tokens)
     local expiries = scores(leased, part)
     for j, id in ipairs(part) do
       local i = s + j - 1
-      local ok = current[j] == tokens[i] and expiries[j] and tonumber(expiries[j]) > now
+      -- `+ 0` converts the score once; `tonumber` would twice (it tests, then converts).
+      local ok = current[j] == tokens[i] and expiries[j] and expiries[j] + 0 > now
         and not seen[id]
       if ok then
         seen[id] = true

@@ -135,6 +135,15 @@ static UPDATE_MANY: LazyLock<Script> = LazyLock::new(|| {
 local base, retention = ARGV[1], ARGV[2]
 local out = {{}}
 local finished, leaving = {{}}, {{}}
+-- Whether token `a` is below `b`, both decimal as the client writes them (no sign, no leading
+-- zero): their lengths decide unless equal, and only tokens of one length that differ are
+-- converted (a start's token against the stored '0', or a job's later writes under the same
+-- lease, need none; `tonumber` costs two `strtod`s a string).
+local function token_below(a, b)
+  if a == b then return false end
+  if #a ~= #b then return #a < #b end
+  return tonumber(a) < tonumber(b)
+end
 local function flush()
   if #finished > 0 then redis.call('ZADD', base .. 'finished', unpack(finished)) end
   for owner, ids in pairs(leaving) do
@@ -150,7 +159,7 @@ for i = 3, #ARGV, 7 do
     out[#out + 1] = 'missing'; out[#out + 1] = '0'; out[#out + 1] = '0'
   elseif cur[1] ~= ARGV[i + 2] then
     out[#out + 1] = 'conflict'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
-  elseif tonumber(ARGV[i + 4]) < tonumber(cur[2]) then
+  elseif token_below(ARGV[i + 4], cur[2]) then
     out[#out + 1] = 'fenced'; out[#out + 1] = cur[1]; out[#out + 1] = cur[2]
   else
     redis.call('HSET', jobkey, 'j', ARGV[i + 1], 'v', ARGV[i + 3], 't', ARGV[i + 4], 'f', ARGV[i + 5])
