@@ -70,7 +70,8 @@ if max_active >= 0 and redis.call('SCARD', base .. 'owner:' .. ARGV[4] .. ':acti
 end
 local idem = ''
 if ARGV[10] == '1' then idem = KEYS[2] end
-redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', 1, 't', ARGV[9], 'o', ARGV[4], 'i', idem, 'f', ARGV[6])
+-- The version as text: a Lua number is printed with '%.17g' on its way to Redis.
+redis.call('HSET', KEYS[1], 'j', ARGV[2], 'v', '1', 't', ARGV[9], 'o', ARGV[4], 'i', idem, 'f', ARGV[6])
 redis.call('ZADD', base .. 'owner:' .. ARGV[4] .. ':jobs', ARGV[5], ARGV[3])
 index(base, KEYS[1], ARGV[3], ARGV[4], ARGV[6], ARGV[7], ARGV[8], '')
 if ARGV[10] == '1' and tonumber(ARGV[11]) > 0 then
@@ -95,7 +96,8 @@ local created, active = {{}}, {{}}
 for i = 3, #ARGV, 7 do
   local id, owner = ARGV[i + 1], ARGV[i + 2]
   local jobkey = base .. 'job:' .. id
-  redis.call('HSET', jobkey, 'j', ARGV[i], 'v', 1, 't', ARGV[i + 6], 'o', owner, 'i', '', 'f', ARGV[i + 4])
+  -- The version as text: a Lua number is printed with '%.17g' on its way to Redis.
+  redis.call('HSET', jobkey, 'j', ARGV[i], 'v', '1', 't', ARGV[i + 6], 'o', owner, 'i', '', 'f', ARGV[i + 4])
   if ARGV[i + 4] == '1' then
     redis.call('ZADD', base .. 'owner:' .. owner .. ':jobs', ARGV[i + 3], id)
     index(base, jobkey, id, owner, '1', ARGV[i + 5], ARGV[2], '')
