@@ -28,6 +28,7 @@ macro_rules! queue_conformance {
             waiting_claim_is_woken_by_push,
             concurrent_claimers_get_each_job_exactly_once,
             expired_lease_makes_the_job_claimable_again,
+            an_expired_lease_is_not_held_before_its_job_is_claimed_again,
             extend_keeps_leases_in_one_call,
             ack_removes_the_job,
             requeue_delays_and_issues_a_newer_token,
@@ -212,6 +213,29 @@ pub async fn expired_lease_makes_the_job_claimable_again(queue: &impl Queue) {
     );
     assert!(queue.ack(&pushed[0]).await.unwrap());
     assert!(queue.ack(&first[0]).await.unwrap());
+}
+
+/// A lease past its time-to-live is not held even while no claim has taken its job since: its
+/// `extend` does not revive it, its `ack` and `requeue` answer `false`, and the job is still
+/// there to be claimed (redelivered).
+pub async fn an_expired_lease_is_not_held_before_its_job_is_claimed_again(queue: &impl Queue) {
+    let id = JobId::new();
+    queue.push(id, Duration::ZERO).await.unwrap();
+    let old = queue.claim(1, SHORT_LEASE, NO_WAIT).await.unwrap();
+    assert_eq!(old.len(), 1);
+    tokio::time::sleep(SHORT_LEASE * 3).await;
+    assert_eq!(queue.extend(&old, LONG_LEASE).await.unwrap(), [false]);
+    assert!(!queue.ack(&old[0]).await.unwrap());
+    assert!(!queue.requeue(&old[0], Duration::ZERO).await.unwrap());
+    let new = claim_all(queue, 1).await;
+    assert_eq!(
+        new.len(),
+        1,
+        "the job of an expired lease must stay claimable"
+    );
+    assert_eq!(new[0].job_id, id);
+    assert!(new[0].redelivered);
+    assert!(queue.ack(&new[0]).await.unwrap());
 }
 
 /// Extending a batch keeps every held lease alive past its first time-to-live, answering per
