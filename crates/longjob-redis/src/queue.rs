@@ -62,15 +62,20 @@ end
 -- per id whether it is one of them ('1' or '0', for one string of them all).
 local function held_many(leased, tokens_key, ids, tokens)
   local held, answer, seen = {}, {}, {}
+  -- While no lease in the set has expired (the usual case), a current token is a live lease (a
+  -- token is kept exactly while its id is leased), so no expiry is read: `ZMSCORE` answers
+  -- each one as text (Redis prints it with '%.17g'), which the script converts back.
+  local any_expired = #redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, 1) > 0
   for s = 1, #ids, CHUNK do
     local part = slice(ids, s, s + CHUNK - 1)
     local current = redis.call('HMGET', tokens_key, unpack(part))
-    local expiries = scores(leased, part)
+    local expiries = {}
+    if any_expired then expiries = scores(leased, part) end
     for j, id in ipairs(part) do
       local i = s + j - 1
       -- `+ 0` converts the score once; `tonumber` would twice (it tests, then converts).
-      local ok = current[j] == tokens[i] and expiries[j] and expiries[j] + 0 > now
-        and not seen[id]
+      local ok = current[j] == tokens[i] and not seen[id]
+        and (not any_expired or (expiries[j] and expiries[j] + 0 > now))
       if ok then
         seen[id] = true
         held[#held + 1] = id
