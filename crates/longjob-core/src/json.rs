@@ -140,7 +140,8 @@ impl<'a> Cursor<'a> {
     fn plain_string(&mut self) -> Option<String> {
         self.eat("\"")?;
         let text = self.until_quote()?;
-        if text.bytes().any(|b| b < 0x20 || b == b'\\') {
+        // No `"` is left in `text`, so any byte the writer escapes is a `\` or a control.
+        if first_to_escape(text.as_bytes()) < text.len() {
             return None;
         }
         Some(text.to_owned())
