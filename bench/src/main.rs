@@ -64,13 +64,14 @@ fn env_or(name: &str, default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-fn usage() -> ExitCode {
-    eprintln!(
-        "usage: longjob-bench throughput --backend memory [--jobs N] [--concurrency C] [--progress P]\n\
-         \x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--claim-gather MS] [--start-hold MS] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
-         backends available in this build: memory, redis, postgres"
-    );
-    ExitCode::from(2)
+const USAGE: &str = "usage: longjob-bench throughput --backend memory|redis|postgres [--jobs N] [--concurrency C] [--progress P]\n\
+\x20                              [--peers] [--redis-url URL] [--database-url URL] [--notify on|off] [--relaxed-writes on|off] [--batch-in-flight N] [--claim-batch N] [--claim-gather MS] [--start-hold MS] [--peer-timeout S] [--peer-set redis|postgres|all]\n\
+\x20      longjob-bench --help\n\
+backends available in this build: memory, redis, postgres";
+
+/// Whether the command line asks for the usage (`-h`, `--help` or `help`) rather than a run.
+fn asks_for_help(argv: &[String]) -> bool {
+    argv.first().is_some_and(|a| a == "help") || argv.iter().any(|a| a == "-h" || a == "--help")
 }
 
 fn parse(mut argv: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -328,11 +329,16 @@ fn rand_suffix() -> u64 {
 }
 
 fn main() -> ExitCode {
-    let args = match parse(std::env::args().skip(1)) {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    if asks_for_help(&argv) {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let args = match parse(argv.into_iter()) {
         Ok(args) => args,
         Err(e) => {
-            eprintln!("error: {e}");
-            return usage();
+            eprintln!("error: {e}\n{USAGE}");
+            return ExitCode::from(2);
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -464,6 +470,17 @@ mod tests {
         assert!(parse(argv("throughput --jobs x")).is_err());
         assert!(parse(argv("throughput --nope 1")).is_err());
         assert!(parse(argv("other")).is_err());
+    }
+
+    #[test]
+    fn help_is_asked_for_anywhere_on_the_line() {
+        let line = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        assert!(asks_for_help(&line("--help")));
+        assert!(asks_for_help(&line("-h")));
+        assert!(asks_for_help(&line("help")));
+        assert!(asks_for_help(&line("throughput --backend redis --help")));
+        assert!(!asks_for_help(&line("throughput --backend redis")));
+        assert!(!asks_for_help(&line("")));
     }
 
     #[test]
