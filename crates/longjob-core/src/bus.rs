@@ -3,6 +3,7 @@
 use std::fmt;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use futures::stream::BoxStream;
 
 use crate::{BackendResult, EventPayload, JobEvent, JobId};
@@ -60,6 +61,19 @@ pub trait ProgressBus: fmt::Debug + Send + Sync + 'static {
 
     /// Forgets the retained events of `job` (after its retention).
     async fn purge(&self, job: JobId) -> BackendResult<()>;
+
+    /// Deletes up to `limit` retained events published before `before`, of any job, finished
+    /// or not, and any other record of the bus older than that (PostgreSQL's cancel requests);
+    /// returns how many events went. [`LongJob::purge_expired`](crate::LongJob::purge_expired)
+    /// calls it with the retention's cutoff, in batches, until a batch comes back short.
+    ///
+    /// The default deletes nothing and returns 0: it suits backends whose records expire on
+    /// their own (Redis key expiry) or go with their job (the in-memory bus, whose events
+    /// [`purge`](Self::purge) forgets). A bus that wraps another forwards it.
+    async fn purge_before(&self, before: DateTime<Utc>, limit: u64) -> BackendResult<u64> {
+        let _ = (before, limit);
+        Ok(0)
+    }
 
     /// Answers when the backend is reachable.
     async fn health(&self) -> BackendResult<()>;

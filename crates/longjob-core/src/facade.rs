@@ -33,6 +33,11 @@ pub struct LongJobConfig {
     /// Unfinished jobs one owner may have at once (`None`: no limit). Default none.
     pub max_active_per_owner: Option<u32>,
     /// How long finished jobs, their events and results are kept. Default 24 h.
+    ///
+    /// [`LongJob::purge_expired`] (which a worker runs every
+    /// [`purge_interval`](crate::WorkerConfig::purge_interval)) also sweeps the bus of every
+    /// event older than this, unfinished jobs' included, and of its other records that old
+    /// (PostgreSQL's cancel requests), through [`ProgressBus::purge_before`].
     pub retention: Duration,
 }
 
@@ -330,6 +335,9 @@ impl LongJobBuilder {
 
 /// How many times a read-modify-write of the facade retries on a version conflict.
 const CAS_RETRIES: usize = 16;
+
+/// Finished jobs, and old events, deleted per call of a purge.
+const PURGE_BATCH: usize = 500;
 
 impl LongJob {
     /// A builder.
@@ -695,8 +703,15 @@ impl LongJob {
         }
     }
 
-    /// Deletes finished jobs older than the retention, with their results and events. Returns
-    /// how many jobs were purged.
+    /// Deletes finished jobs older than the retention, with their results and events, then
+    /// sweeps the bus of every event older than the retention, whatever its job (unfinished
+    /// jobs' included, and those of jobs whose own purge failed), and of its other records that
+    /// old (PostgreSQL's cancel requests): [`ProgressBus::purge_before`] in batches of 500 until
+    /// a batch comes back short. Returns how many jobs were purged.
+    ///
+    /// A store or bus error is returned (a worker's purge loop logs it and tries again at its
+    /// next round); what was purged before it stays purged. A failed delete of one job's result
+    /// or events is only logged, and the rest go on.
     pub async fn purge_expired(&self) -> Result<usize, LongJobError> {
         let retention = chrono::Duration::from_std(self.inner.config.retention)
             .unwrap_or(chrono::Duration::MAX);
@@ -705,9 +720,9 @@ impl LongJob {
             .unwrap_or(DateTime::<Utc>::MIN_UTC);
         let mut purged = 0;
         loop {
-            let jobs = self.inner.store.purge_finished(cutoff, 500).await?;
+            let jobs = self.inner.store.purge_finished(cutoff, PURGE_BATCH).await?;
             if jobs.is_empty() {
-                return Ok(purged);
+                break;
             }
             purged += jobs.len();
             // The records are gone already: a failed delete is logged and the rest go on, so one
@@ -723,6 +738,16 @@ impl LongJob {
                 }
             }
         }
+        // Events of jobs that are not finished (or whose purge above failed) and the bus's
+        // other records, by age alone.
+        let batch = PURGE_BATCH as u64;
+        loop {
+            let swept = self.inner.bus.purge_before(cutoff, batch).await?;
+            if swept < batch {
+                break;
+            }
+        }
+        Ok(purged)
     }
 
     /// Waits until the job is terminal (by its events), returning it. For tests and tools.

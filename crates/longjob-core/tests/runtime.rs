@@ -1529,6 +1529,13 @@ impl longjob_core::ProgressBus for SlowBus {
     async fn purge(&self, job: JobId) -> BackendResult<()> {
         self.inner.purge(job).await
     }
+    async fn purge_before(
+        &self,
+        before: chrono::DateTime<chrono::Utc>,
+        limit: u64,
+    ) -> BackendResult<u64> {
+        self.inner.purge_before(before, limit).await
+    }
     async fn health(&self) -> BackendResult<()> {
         self.inner.health().await
     }

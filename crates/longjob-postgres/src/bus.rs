@@ -164,8 +164,10 @@ impl PgProgressBus {
     }
 
     /// Deletes up to `limit` retained events published before `before` (and every cancel
-    /// request older than that); returns how many events went. Run it on a timer with the
-    /// events' retention; [`purge`](ProgressBus::purge) forgets one job's events at once.
+    /// request older than that); returns how many events went. It is this bus's
+    /// [`ProgressBus::purge_before`], which `LongJob::purge_expired` calls with the retention's
+    /// cutoff (the worker's purge loop runs it); [`purge`](ProgressBus::purge) forgets one job's
+    /// events at once.
     pub async fn purge_events_before(
         &self,
         before: DateTime<Utc>,
@@ -432,6 +434,12 @@ impl ProgressBus for PgProgressBus {
             )
             .await
             .map(|_| ())
+    }
+
+    /// [`purge_events_before`](PgProgressBus::purge_events_before): up to `limit` events
+    /// older than `before`, and every cancel request older than that.
+    async fn purge_before(&self, before: DateTime<Utc>, limit: u64) -> BackendResult<u64> {
+        self.purge_events_before(before, limit).await
     }
 
     async fn health(&self) -> BackendResult<()> {

@@ -289,3 +289,82 @@ async fn events_older_than_a_cutoff_are_purged_and_newer_ones_kept() {
     assert_eq!(seqs(old).await, [4]);
     assert_eq!(seqs(new).await, [1]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_expired_sweeps_old_events_of_unfinished_jobs_and_old_cancel_requests() {
+    use std::sync::Arc;
+
+    use longjob_core::{EventPayload, LongJob, LongJobConfig, ProgressBus, SubmitRequest};
+
+    let pg = common::backend().await;
+    let mut config = LongJobConfig::default();
+    config.jobs_per_hour = None;
+    config.retention = Duration::from_secs(3600);
+    let lj = LongJob::builder()
+        .store(Arc::new(pg.store()))
+        .queue(Arc::new(pg.queue()))
+        .bus(Arc::new(pg.bus()))
+        .config(config)
+        .build();
+    let schema = pg.schema().to_owned();
+
+    // An unfinished job (no worker: it stays queued) with its `queued` event and 600 more, so
+    // the sweep takes more than one batch.
+    let job = lj
+        .submit(SubmitRequest::new("k", "alice", serde_json::json!({})))
+        .await
+        .unwrap()
+        .job;
+    let filler = || EventPayload::Progress {
+        progress: Default::default(),
+    };
+    pg.bus()
+        .publish_many(job.id, (0..600).map(|_| filler()).collect())
+        .await
+        .unwrap();
+    pg.bus().signal_cancel(job.id).await.unwrap();
+    pg.bus().signal_cancel(job.id).await.unwrap();
+
+    // Everything but the last two events, and the first cancel request, is past the retention.
+    sqlx::query(&format!(
+        "UPDATE {schema}.job_events SET at = now() - interval '2 hours' \
+         WHERE job_id = $1 AND seq <= 599"
+    ))
+    .bind(job.id.as_uuid())
+    .execute(pg.pool())
+    .await
+    .unwrap();
+    let cancels = format!("SELECT id FROM {schema}.cancel_requests ORDER BY id");
+    let cancel_ids: Vec<i64> = sqlx::query_scalar(&cancels)
+        .fetch_all(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(cancel_ids.len(), 2);
+    sqlx::query(&format!(
+        "UPDATE {schema}.cancel_requests SET at = now() - interval '2 hours' WHERE id = $1"
+    ))
+    .bind(cancel_ids[0])
+    .execute(pg.pool())
+    .await
+    .unwrap();
+
+    // No finished job to purge; the bus is swept all the same.
+    assert_eq!(lj.purge_expired().await.unwrap(), 0);
+
+    let seqs: Vec<i64> = sqlx::query_scalar(&format!(
+        "SELECT seq FROM {schema}.job_events WHERE job_id = $1 ORDER BY seq"
+    ))
+    .bind(job.id.as_uuid())
+    .fetch_all(pg.pool())
+    .await
+    .unwrap();
+    assert_eq!(seqs, [600, 601]);
+    let left: Vec<i64> = sqlx::query_scalar(&cancels)
+        .fetch_all(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, cancel_ids[1..]);
+    // The job itself is untouched, and the next seq follows on.
+    assert_eq!(lj.status(job.id, "alice").await.unwrap().id, job.id);
+    assert_eq!(pg.bus().publish(job.id, filler()).await.unwrap().seq, 602);
+}
