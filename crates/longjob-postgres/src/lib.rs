@@ -57,6 +57,12 @@ use crate::db::Db;
 use crate::error::{BACKEND, Timeouts};
 use crate::hub::{Channels, Hub};
 
+/// The Rust examples of `docs/postgres.md`, compiled by `cargo test --doc` so they keep up with
+/// the API (the file's only code blocks are Rust; any other must be marked with its language).
+#[cfg(doctest)]
+#[doc = include_str!("../../../docs/postgres.md")]
+pub struct PostgresMdDoctests;
+
 /// The embedded migrations (`migrations/` of this crate). [`PgBackend::migrate`] runs them in
 /// the configured schema.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
