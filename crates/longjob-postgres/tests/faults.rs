@@ -205,7 +205,7 @@ async fn restart_mid_run(relaxed_worker_writes: bool) {
     let seen = Arc::clone(&runs);
     let worker = lj
         .worker()
-        .config(worker_config(16, Duration::from_secs(4)))
+        .config(worker_config(16, Duration::from_secs(8)))
         .handle("work", move |ctx, _: serde_json::Value| {
             let seen = Arc::clone(&seen);
             async move {
@@ -294,6 +294,20 @@ async fn restart_mid_run(relaxed_worker_writes: bool) {
         completed_events
             .iter()
             .filter(|(_, n)| *n != 1)
+            .collect::<Vec<_>>()
+    );
+    // And once at least: every job told its end (the worker retries an outcome's publish
+    // through the outage), so exactly one `completed` event for each job of the run.
+    let completed_once = completed_events
+        .iter()
+        .filter(|(id, n)| *n == 1 && jobs.contains(&JobId::from_uuid(*id)))
+        .count();
+    assert_eq!(
+        completed_once,
+        JOBS,
+        "jobs without a `completed` event: {:?}",
+        jobs.iter()
+            .filter(|id| !completed_events.iter().any(|(j, _)| j == id.as_uuid()))
             .collect::<Vec<_>>()
     );
     let stats = longjob_core::Queue::stats(&pg.queue()).await.unwrap();
