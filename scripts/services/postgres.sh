@@ -1,18 +1,40 @@
 #!/usr/bin/env bash
-# Makes a PostgreSQL answer on 127.0.0.1:5432 (or on PG_PORT) with a database `test`
-# (or PG_DATABASE): uses the server answering there if any; else installs Debian's
-# `postgresql` when missing, creates a private cluster (trust authentication on loopback only)
-# under PG_RUN_DIR and starts it, then creates the database. Exits non-zero with a message
-# when it cannot. Tests then find it through DATABASE_URL
-# (default postgres://postgres@127.0.0.1:5432/test).
+# Makes the PostgreSQL the tests use answer: DATABASE_URL's when it is set (the tests read it
+# too), else 127.0.0.1:5432 (or PG_PORT) with a database `test` (or PG_DATABASE). First installs
+# Debian's `postgresql` when its server binaries are missing (the fault tests of
+# longjob-postgres run a private cluster of their own, so they are needed even when a server
+# answers); then uses the server answering there, creating the database when missing; else, for
+# a loopback address, creates a private cluster (trust authentication on loopback only) under
+# PG_RUN_DIR, starts it and creates the database. A DATABASE_URL of another host must answer
+# as it is. Exits non-zero with a message when it cannot.
 set -euo pipefail
 
 PORT="${PG_PORT:-5432}"
 DB="${PG_DATABASE:-test}"
+URL="${DATABASE_URL:-}"
+if [ -n "$URL" ]; then
+  # postgres://[user[:password]@]host[:port][/db][?options]: a loopback host is ours to start,
+  # on the URL's port with the URL's database.
+  rest="${URL#*://}"
+  authority="${rest%%/*}"
+  hostport="${authority##*@}"
+  path="${rest#"$authority"}"
+  path="${path#/}"
+  path="${path%%\?*}"
+  case "$hostport" in
+    127.0.0.1 | localhost) PORT=5432 URL="" ;;
+    127.0.0.1:* | localhost:*) PORT="${hostport##*:}" URL="" ;;
+  esac
+  if [ -z "$URL" ] && [ -n "$path" ]; then DB="$path"; fi
+fi
 RUN_DIR="${PG_RUN_DIR:-/tmp/longjob-postgres-$PORT}"
 
 answers() {
-  command -v pg_isready >/dev/null 2>&1 && pg_isready -q -h 127.0.0.1 -p "$PORT" -t 1
+  if [ -n "$URL" ]; then
+    pg_isready -q -d "$URL" -t 2
+  else
+    pg_isready -q -h 127.0.0.1 -p "$PORT" -t 1
+  fi
 }
 
 ensure_database() {
@@ -29,11 +51,6 @@ ensure_database() {
   echo "postgres: answering on 127.0.0.1:$PORT, database $DB ready"
 }
 
-if answers; then
-  ensure_database
-  exit 0
-fi
-
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"
   elif command -v sudo >/dev/null 2>&1; then sudo "$@"
@@ -47,7 +64,8 @@ bin_dir() {
   ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1
 }
 
-if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/initdb" ] || ! command -v psql >/dev/null 2>&1; then
+if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/initdb" ] || ! command -v psql >/dev/null 2>&1 ||
+  ! command -v pg_isready >/dev/null 2>&1; then
   if ! command -v apt-get >/dev/null 2>&1; then
     echo "postgres: PostgreSQL is not installed and apt-get is not available" >&2
     exit 1
@@ -57,6 +75,20 @@ if [ -z "$(bin_dir)" ] || [ ! -x "$(bin_dir)/initdb" ] || ! command -v psql >/de
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
 BIN="$(bin_dir)"
+
+if answers; then
+  if [ -n "$URL" ]; then
+    # Not printed: the URL may hold a password. The database is the URL's to provide.
+    echo "postgres: DATABASE_URL answers"
+  else
+    ensure_database
+  fi
+  exit 0
+fi
+if [ -n "$URL" ]; then
+  echo "postgres: DATABASE_URL does not answer, and it is not a loopback address this script could start a server on" >&2
+  exit 1
+fi
 
 # Run the server as the postgres user when we are root (initdb refuses root), else as ourselves.
 if [ "$(id -u)" -eq 0 ]; then
