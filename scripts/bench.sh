@@ -116,7 +116,7 @@ cliff() {
     if [ -n "$a" ] && [ -n "$b" ]; then
       awk -v a="$a" -v b="$b" 'BEGIN { r = 100 * b / a; printf "%s: longjob at N = 200 000 runs at %.1f %% of its N = 20 000 rate (%s against %s jobs/s; the target is at least 80 %%).\n", (r >= 80 ? "No cliff" : "Cliff target missed"), r, b, a }'
     else
-      echo "No cliff: not measured (a run failed)."
+      echo "Cliff: not measured (a run failed)."
     fi
     echo
   } >"$body"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it: starts (and on a bare Debian machine installs) every
 # server the tests need, then format check, clippy with warnings denied, every test, the docs.
-# Each scripts/services/*.sh makes one server answer or exits non-zero; with CI=true a server
-# that cannot be had fails the run.
+# Each scripts/services/*.sh makes one server answer or exits non-zero, so a server that cannot
+# be had fails the run (in CI and locally alike: no test is skipped for a missing server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
