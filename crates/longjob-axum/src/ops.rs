@@ -169,10 +169,78 @@ impl Modify for Security {
     }
 }
 
+/// The errors every route can get from the layers around it, written into each operation that
+/// does not document them itself: the panic catcher's 500 and the timeout's 504 everywhere, the
+/// rate limit's 429 everywhere but `/health` and `/metrics`, the body checks' 400, 413 and 415
+/// wherever a JSON body is read, and 401 on the job routes (all but the signed file route, whose
+/// signature is its key).
+struct LayerErrors;
+
+impl LayerErrors {
+    fn add(op: &mut utoipa::openapi::path::Operation, path: &str) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let mut errors = vec![
+            ("500", "Internal error (the message names no internals)"),
+            ("504", "No answer within the request timeout"),
+        ];
+        if path != "/health" && path != "/metrics" {
+            errors.push((
+                "429",
+                "Rate limited: `Retry-After` and `RateLimit-*` say when to come back",
+            ));
+        }
+        if op.request_body.is_some() {
+            errors.push(("400", "Malformed JSON or invalid fields"));
+            errors.push(("413", "Body over the limit (1 MiB by default)"));
+            errors.push(("415", "Not JSON"));
+        }
+        if path.starts_with("/v1/download") && !path.starts_with("/v1/download/files") {
+            errors.push(("401", "Missing or invalid API key"));
+        }
+        for (code, description) in errors {
+            op.responses
+                .responses
+                .entry(code.to_owned())
+                .or_insert_with(|| {
+                    RefOr::T(
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .build(),
+                    )
+                });
+        }
+    }
+}
+
+impl Modify for LayerErrors {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                Self::add(op, path);
+            }
+        }
+    }
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "longjob download API", version = "1.0.0",
-        description = "Slow downloads as background jobs: initiate, follow by WebSocket, Server-Sent Events or polling, download through a presigned URL. Every error is `{\"error\": {\"code\", \"message\", \"details\"}, \"requestId\"}`; every response carries `X-Request-ID`; rate-limited answers carry `Retry-After` and `RateLimit-*`."),
+        description = "Slow downloads as background jobs: initiate, follow by WebSocket, Server-Sent Events or polling, download through a presigned URL. Every error is `{\"error\": {\"code\", \"message\", \"details\"}, \"requestId\"}`; every response carries `X-Request-ID`; rate-limited answers carry `Retry-After` and `RateLimit-*`. A path not listed here answers 404, and a method not listed for a path 405, as that same JSON error."),
     paths(
         crate::downloads::initiate, crate::downloads::check, crate::downloads::start,
         crate::jobs::status, crate::jobs::retry, crate::jobs::cancel, crate::jobs::download_url,
@@ -187,7 +255,7 @@ impl Modify for Security {
         crate::downloads::FileIdRequest, crate::downloads::CheckResponse, crate::downloads::StartResponse,
         HealthBody,
     )),
-    modifiers(&Security),
+    modifiers(&Security, &LayerErrors),
     tags((name = "Download", description = "The endpoints of the replaced service, same field names"),
          (name = "Jobs", description = "Status, retry, cancel, download URL"),
          (name = "Streams", description = "Live progress"),

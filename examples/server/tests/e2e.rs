@@ -1013,6 +1013,37 @@ async fn health_metrics_openapi_docs_and_demo() {
         for code in ["202", "400", "413", "415", "429"] {
             assert!(initiate.get(code).is_some(), "initiate documents {code}");
         }
+        // Every operation documents the errors the layers around it can answer.
+        for (path, item) in paths {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                let mut expected = vec!["500", "504"];
+                if path != "/health" && path != "/metrics" {
+                    expected.push("429");
+                }
+                if op.get("requestBody").is_some() {
+                    expected.extend(["400", "413", "415"]);
+                }
+                if path.starts_with("/v1/download") && !path.starts_with("/v1/download/files") {
+                    expected.push("401");
+                }
+                for code in expected {
+                    assert!(
+                        responses.contains_key(code),
+                        "{method} {path} documents {code}"
+                    );
+                    let body = &responses[code]["content"]["application/json"]["schema"];
+                    assert_eq!(
+                        body["$ref"], "#/components/schemas/ErrorBody",
+                        "{method} {path} {code}"
+                    );
+                }
+            }
+        }
+        assert!(
+            doc["info"]["description"].as_str().unwrap().contains("405"),
+            "the document says how unknown paths and methods are answered"
+        );
         let schemas = doc["components"]["schemas"].as_object().unwrap();
         // The original's schemas: every field required, the optional ones nullable.
         let required = |name: &str| -> Vec<String> {
