@@ -1192,3 +1192,27 @@ fn every_variable_of_the_contract_is_also_a_flag() {
         assert!(help.contains(&flag), "{flag} in --help");
     }
 }
+
+/// `PRESIGN_TTL_SECS` is the lifetime of the download URLs the server signs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presign_ttl_sets_the_lifetime_of_download_urls() {
+    let s = Server::start(&[
+        ("PRESIGN_TTL_SECS", "90"),
+        ("DOWNLOAD_DELAY_ENABLED", "false"),
+    ])
+    .await;
+    let id = s.initiate(&[70000], None).await;
+    let done = s.wait_finished(&id, None).await;
+    assert_eq!(done["status"], "completed", "{done}");
+    let res = s.get(&format!("{FIRST}/job/{id}/download-url")).await;
+    assert_eq!(res.status(), 200);
+    let url: Value = res.json().await.unwrap();
+    let expires_in = url["expiresIn"].as_u64().unwrap();
+    assert!((80..=90).contains(&expires_in), "expiresIn {expires_in}");
+    let expires_at: chrono::DateTime<chrono::Utc> =
+        url["expiresAt"].as_str().unwrap().parse().unwrap();
+    let left = (expires_at - chrono::Utc::now()).num_seconds();
+    assert!((75..=91).contains(&left), "expires in {left} s: {url}");
+    let link = url["downloadUrl"].as_str().unwrap();
+    assert_eq!(s.http.get(link).send().await.unwrap().status(), 200);
+}
