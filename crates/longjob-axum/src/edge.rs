@@ -1,15 +1,16 @@
-//! The API's own cross-cutting work as two hand-written tower layers, instead of five layers
-//! (request id set and propagated, error normalisation with the security headers, metrics, rate
-//! limit), three of them `axum::middleware::from_fn`.
+//! The API's own cross-cutting work as two hand-written tower layers, instead of three
+//! `axum::middleware::from_fn` layers (error normalisation with the security headers, metrics,
+//! rate limit). Request ids are tower-http's (`SetRequestId` with [`FastRequestId`], then
+//! `PropagateRequestId`), outside these.
 //!
 //! Why: every `from_fn` layer clones the whole service stack beneath it and boxes a future and
 //! a service on every request, and each tower-http layer adds its own future; on a 2-core
 //! machine under `wrk` that was a measurable share of a request (see docs/benchmarks.md, HTTP
 //! face). The behaviour is the same as the layers they replace:
 //!
-//! - [`Edge`] (outermost): gives a request without `X-Request-ID` a random (version 4) UUID,
-//!   copies the request's id to a response that has none, turns every error response into the
-//!   API's JSON error (see [`crate::error::normalize`]) and adds the security headers.
+//! - [`Edge`] (inside the request id layers): turns every error response into the API's JSON
+//!   error (see [`crate::error::normalize`]), with the request's id, and adds the security
+//!   headers.
 //! - [`Counted`] (inside CORS, tracing and the panic catcher, as the metrics and rate limit
 //!   layers were): counts every response by status class and its time to the head, and applies
 //!   the rate limit (exempting `/health` and `/metrics`), with the `RateLimit-*` headers.
@@ -26,6 +27,7 @@ use axum::extract::Request;
 use axum::http::{HeaderValue, Method, header};
 use axum::response::Response;
 use tower::{Layer, Service};
+use tower_http::request_id::{MakeRequestId, RequestId};
 
 use crate::metrics::Metrics;
 use crate::ratelimit::{Admission, Limiter};
@@ -42,6 +44,18 @@ fn new_request_id() -> HeaderValue {
     HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
+/// The id tower-http's `SetRequestId` gives a request that comes without `X-Request-ID`: a
+/// random (version 4) UUID, drawn without a system call (tower-http's own `MakeRequestUuid`
+/// asks the operating system for every one).
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct FastRequestId;
+
+impl MakeRequestId for FastRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        Some(RequestId::new(new_request_id()))
+    }
+}
+
 /// The layer of [`Edge`].
 #[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct EdgeLayer;
@@ -54,7 +68,7 @@ impl<S> Layer<S> for EdgeLayer {
     }
 }
 
-/// Request ids, error normalisation and security headers (see the module's documentation).
+/// Error normalisation and security headers (see the module's documentation).
 #[derive(Debug, Clone)]
 pub(crate) struct Edge<S> {
     inner: S,
@@ -73,15 +87,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request) -> Self::Future {
-        let request_id = match req.headers().get(REQUEST_ID) {
-            Some(id) => id.clone(),
-            None => {
-                let id = new_request_id();
-                req.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
-        };
+    fn call(&mut self, req: Request) -> Self::Future {
+        // `SetRequestId` outside gave every request an id; one served without that layer gets
+        // a fresh one for its error body.
+        let request_id = req
+            .headers()
+            .get(REQUEST_ID)
+            .cloned()
+            .unwrap_or_else(new_request_id);
         let preflight = req.method() == Method::OPTIONS
             && req
                 .headers()
@@ -90,11 +103,7 @@ where
         Box::pin(async move {
             let Ok(res) = future.await;
             let mut res = error::normalize(res, &request_id, preflight).await;
-            let headers = res.headers_mut();
-            crate::add_security_headers(headers);
-            if !headers.contains_key(REQUEST_ID) {
-                headers.insert(REQUEST_ID, request_id);
-            }
+            crate::add_security_headers(res.headers_mut());
             Ok(res)
         })
     }

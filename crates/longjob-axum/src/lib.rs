@@ -51,6 +51,7 @@ use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::limit::RequestBodyLimitLayer;
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -377,7 +378,10 @@ fn layers(router: Router, config: &HttpConfig, metrics: Arc<Metrics>) -> Router 
     // futures (about 9k instructions of a request, see docs/benchmarks.md). The stack sees
     // every request the router answers, 404 and 405 included, as before. Outermost first.
     let stack = ServiceBuilder::new()
-        // Request ids, error normalisation and security headers (one layer: see `edge`).
+        // Request ids: kept from the request or made up, and copied to the response.
+        .layer(SetRequestIdLayer::new(REQUEST_ID, edge::FastRequestId))
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        // Error normalisation and security headers (one layer: see `edge`).
         .layer(edge::EdgeLayer)
         // `Router::layer` turns each layer's response body into axum's `Body`; so do these.
         .map_response(IntoResponse::into_response)
