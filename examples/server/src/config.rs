@@ -4,10 +4,13 @@ use std::time::Duration;
 
 use clap::Parser;
 
+/// A switch's value. An empty one is refused rather than read as `false`: `DOWNLOAD_DELAY_ENABLED=`
+/// turning the delay off without a word would be a surprise (unset the variable for the default).
 fn parse_bool(s: &str) -> Result<bool, String> {
     match s.trim().to_ascii_lowercase().as_str() {
         "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" | "" => Ok(false),
+        "0" | "false" | "no" | "off" => Ok(false),
+        "" => Err("empty: expected true/false/1/0 (unset the variable for the default)".into()),
         other => Err(format!("expected true/false/1/0, got {other:?}")),
     }
 }
@@ -177,5 +180,17 @@ mod tests {
         assert_eq!(c.port, 3000);
         assert_eq!(c.public_url(), "http://127.0.0.1:3000");
         assert_eq!(c.memory_max_jobs, 1_000_000);
+    }
+
+    #[test]
+    fn an_empty_switch_is_refused_not_read_as_false() {
+        for flag in [
+            "--download-delay-enabled",
+            "--trust-proxy",
+            "--s3-force-path-style",
+        ] {
+            let e = Config::try_parse_from(["x", flag, ""]).unwrap_err();
+            assert!(e.to_string().contains("empty"), "{flag}: {e}");
+        }
     }
 }
