@@ -78,3 +78,49 @@ async fn a_job_runs_on_a_postgres_store_with_a_redis_queue_and_bus() {
             .unwrap();
     redis.delete_namespace().await.unwrap();
 }
+
+/// A stored job the server cannot read (here its progress rewritten behind its back) answers
+/// 500 with the API's error, and the message names nothing of the database or the decoder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_store_cannot_read_answers_500_without_internals() {
+    let (url, schema) = (database_url(), fresh("bad"));
+    let env = [
+        ("DATABASE_URL", url.as_str()),
+        ("DATABASE_SCHEMA", schema.as_str()),
+        ("DOWNLOAD_DELAY_ENABLED", "false"),
+    ];
+    let server = Server::start(&env).await;
+    let id = server.initiate(&[70000], None).await;
+    server.wait_finished(&id, None).await;
+
+    let pg = PgBackend::connect(PgConfig::new(database_url()).schema(&schema))
+        .await
+        .unwrap_or_else(|e| panic!("no PostgreSQL ({e}): run `bash scripts/services/postgres.sh`"));
+    let corrupt = format!(
+        "UPDATE \"{schema}\".download_jobs SET progress = '\"not progress\"' WHERE id = $1"
+    );
+    let changed = sqlx::query(&corrupt)
+        .bind(id.parse::<uuid::Uuid>().unwrap())
+        .execute(pg.pool())
+        .await
+        .unwrap();
+    assert_eq!(changed.rows_affected(), 1);
+
+    let res = server.get(&format!("/v1/download/job/{id}")).await;
+    let body = common::assert_error(res, 500, "internal_error").await;
+    assert_eq!(body["error"]["message"], "internal server error", "{body}");
+    let text = body.to_string();
+    for leak in [
+        "progress",
+        "sqlx",
+        "postgres",
+        "decode",
+        "not progress",
+        &schema,
+    ] {
+        assert!(!text.contains(leak), "the 500 leaks {leak:?}: {text}");
+    }
+    drop(server);
+    let drop_schema = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+    sqlx::query(&drop_schema).execute(pg.pool()).await.unwrap();
+}
