@@ -2,8 +2,10 @@
 //
 // Drives Debian's Chromium (/usr/bin/chromium, or CHROMIUM_PATH) through playwright-core: starts a
 // download job from the form, waits for the bar to reach 100 %, clicks the download link and checks the
-// file is a zip archive with one entry per available file. Three times: with every transport (WebSocket),
-// with WebSocket disabled (?transports=sse,poll: SSE) and with SSE disabled too (?transports=poll).
+// file is a zip archive with one entry per available file. Three times by choice: with every transport
+// (WebSocket), with WebSocket disabled (?transports=sse,poll: SSE) and with SSE disabled too
+// (?transports=poll); and twice by failure: a WebSocket that cannot connect (the page falls back to SSE),
+// then an event stream that fails too (to polling).
 //
 // Needs a running server: BASE_URL (default http://127.0.0.1:3000). scripts/suites/browser.sh builds and
 // starts one, installs Chromium and the npm dependencies, and runs this file with `node --test`.
@@ -74,8 +76,30 @@ function zipEntries(buf) {
   throw new Error("no end-of-central-directory record: not a zip archive");
 }
 
-async function runJobThroughPage(query, expectedTransport) {
+// Transports that exist but fail, installed before the page's own script runs: the page must notice
+// and fall back by itself (unlike ?transports=, which skips a transport from the start).
+function breakWebSocket() {
+  const Real = window.WebSocket;
+  // Port 9 on loopback: nothing listens, the connection is refused and the socket closes unopened.
+  window.WebSocket = class extends Real {
+    constructor(_url, protocols) {
+      super("ws://127.0.0.1:9/", protocols);
+    }
+  };
+}
+function breakEventSource() {
+  const Real = window.EventSource;
+  // A 404 with a JSON body: the browser fails the stream and closes it.
+  window.EventSource = class extends Real {
+    constructor(_url, init) {
+      super("/v1/download/no-such-stream", init);
+    }
+  };
+}
+
+async function runJobThroughPage(query, expectedTransport, ...initScripts) {
   const page = await context.newPage();
+  for (const script of initScripts) await page.addInitScript(script);
   const consoleErrors = [];
   page.on("pageerror", e => consoleErrors.push(String(e)));
   try {
@@ -135,6 +159,14 @@ test("demo: with WebSocket disabled it follows by SSE", async () => {
 
 test("demo: with WebSocket and SSE disabled it polls", async () => {
   await runJobThroughPage("?transports=poll", "poll");
+});
+
+test("demo: a WebSocket that cannot connect falls back to SSE", async () => {
+  await runJobThroughPage("", "sse", breakWebSocket);
+});
+
+test("demo: with WebSocket and SSE both failing it falls back to polling", async () => {
+  await runJobThroughPage("", "poll", breakWebSocket, breakEventSource);
 });
 
 test("demo: invalid ids are refused in the form without a request", async () => {
