@@ -1095,9 +1095,24 @@ async fn health_metrics_openapi_docs_and_demo() {
 #[cfg(unix)]
 #[tokio::test]
 async fn sigterm_drains_and_exits_cleanly() {
-    let mut s = Server::start(&[]).await;
+    // A job of 1.2 s, running when the signal comes, finishes within the grace period (2 s).
+    let mut s = Server::start(&[
+        ("DOWNLOAD_DELAY_MIN_MS", "1200"),
+        ("DOWNLOAD_DELAY_MAX_MS", "1200"),
+    ])
+    .await;
+    let start_line = s.log();
+    assert!(
+        start_line.contains("store=memory queue=memory bus=memory")
+            && start_line.contains(&format!("docs {}", s.url("/docs")))
+            && start_line.contains(&format!("demo {}", s.url("/demo"))),
+        "the start line names the backends and the URLs of /docs and /demo:\n{start_line}"
+    );
     let id = s.initiate(&[70000], None).await;
-    let _ = id;
+    s.wait_status(&id, None, Duration::from_secs(10), |b| {
+        b["status"] == "processing"
+    })
+    .await;
     let status = std::process::Command::new("kill")
         .args(["-TERM", &s.pid().to_string()])
         .status()
@@ -1107,7 +1122,17 @@ async fn sigterm_drains_and_exits_cleanly() {
         .wait_exit(Duration::from_secs(10))
         .expect("the server exits after SIGTERM");
     assert!(exit.success(), "{exit:?}\n{}", s.log());
-    assert!(s.log().contains("shutting down"));
+    let log = s.log();
+    let draining = log.find("shutting down").expect("the drain is logged");
+    let completed = log
+        .lines()
+        .position(|l| l.contains(&id) && l.contains("completed"))
+        .map(|n| log.lines().take(n).map(|l| l.len() + 1).sum::<usize>())
+        .unwrap_or_else(|| panic!("the running job completed before the exit:\n{log}"));
+    assert!(
+        completed > draining,
+        "the job finished during the drain:\n{log}"
+    );
 }
 
 #[tokio::test]
