@@ -207,12 +207,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     responses(
         (status = 202, description = "Job created", body = InitiateResponse, headers(("Location" = String, description = "The status URL"))),
         (status = 200, description = "The job of this Idempotency-Key", body = InitiateResponse, headers(("Location" = String))),
-        (status = 400, description = "Malformed JSON or invalid fields", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
-        (status = 413, description = "Body over the limit", body = crate::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::ErrorBody),
         (status = 429, description = "Rate limited, or jobs-per-hour / active-jobs quota exceeded", body = crate::ErrorBody),
-        (status = 500, description = "Internal error", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -322,10 +317,6 @@ pub struct CheckResponse {
     request_body = FileIdRequest,
     responses(
         (status = 200, description = "Availability", body = CheckResponse),
-        (status = 400, description = "Malformed JSON or invalid fields", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::ErrorBody),
-        (status = 429, description = "Rate limited", body = crate::ErrorBody),
         (status = 503, description = "The source is down", body = crate::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -381,10 +372,6 @@ pub struct StartResponse {
     request_body = FileIdRequest,
     responses(
         (status = 200, description = "Done (or failed: file not available)", body = StartResponse),
-        (status = 400, description = "Malformed JSON or invalid fields", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
-        (status = 415, description = "Not JSON", body = crate::ErrorBody),
-        (status = 429, description = "Rate limited", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
         (status = 504, description = "The delay exceeded the request timeout", body = crate::ErrorBody),
     ),

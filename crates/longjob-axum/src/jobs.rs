@@ -245,9 +245,7 @@ fn matches_etag(headers: &HeaderMap, tag: &str) -> bool {
             headers(("ETag" = String), ("Retry-After" = u32, description = "2, while unfinished"))),
         (status = 304, description = "Unchanged since the ETag given"),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job, or not the caller's", body = crate::ErrorBody),
-        (status = 429, description = "Rate limited", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -297,7 +295,6 @@ pub struct RetryBody {
     responses(
         (status = 202, description = "Queued again", body = RetryBody),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job", body = crate::ErrorBody),
         (status = 409, description = "The job is not failed or cancelled", body = crate::ErrorBody),
         (status = 429, description = "Rate limited or quota exceeded", body = crate::ErrorBody),
@@ -338,7 +335,6 @@ pub struct CancelBody {
     responses(
         (status = 202, description = "Cancelled", body = CancelBody),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job", body = crate::ErrorBody),
         (status = 409, description = "Already finished", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
@@ -385,7 +381,6 @@ pub struct DownloadUrlBody {
     responses(
         (status = 200, description = "A presigned URL", body = DownloadUrlBody),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job", body = crate::ErrorBody),
         (status = 409, description = "Not completed yet", body = crate::ErrorBody),
         (status = 410, description = "The result expired or was deleted", body = crate::ErrorBody),

@@ -138,7 +138,6 @@ fn parse_seq(raw: &str, what: &str) -> Result<u64, ApiError> {
     responses(
         (status = 200, description = "An event stream", content_type = "text/event-stream", body = String),
         (status = 400, description = "Malformed id", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
     ),
@@ -203,7 +202,6 @@ pub(crate) struct WsQuery {
     responses(
         (status = 101, description = "Switching to the WebSocket protocol"),
         (status = 400, description = "Malformed id or not a WebSocket request", body = crate::ErrorBody),
-        (status = 401, description = "Missing or invalid API key", body = crate::ErrorBody),
         (status = 404, description = "Unknown job", body = crate::ErrorBody),
         (status = 503, description = "A backend is down", body = crate::ErrorBody),
     ),
