@@ -171,7 +171,7 @@ impl Modify for Security {
 
 /// The errors every route can get from the layers around it, written into each operation that
 /// does not document them itself: the panic catcher's 500 and the timeout's 504 everywhere, the
-/// rate limit's 429 everywhere but `/health` and `/metrics`, the body checks' 400, 413 and 415
+/// rate limit's 429 everywhere but the routes it exempts, the body checks' 400, 413 and 415
 /// wherever a JSON body is read, and 401 on the job routes (all but the signed file route, whose
 /// signature is its key).
 struct LayerErrors;
@@ -183,7 +183,7 @@ impl LayerErrors {
             ("500", "Internal error (the message names no internals)"),
             ("504", "No answer within the request timeout"),
         ];
-        if path != "/health" && path != "/metrics" {
+        if !crate::ratelimit::exempt(path) {
             errors.push((
                 "429",
                 "Rate limited: `Retry-After` and `RateLimit-*` say when to come back",

@@ -150,12 +150,18 @@ impl RateHeaders {
 /// the limiter's lock).
 const SIZE_CHECK_EVERY: u64 = 1024;
 
+/// Whether requests to `path` pass without counting against the rate limit: the probes
+/// (`/health`, `/metrics`), which monitoring calls on its own schedule. The OpenAPI document
+/// asks it too, to leave 429 off those routes.
+pub(crate) fn exempt(path: &str) -> bool {
+    path == "/health" || path == "/metrics"
+}
+
 impl Limiter {
-    /// Exempts probes (`/health`, `/metrics`); past the limit, the 429 (counted in the
-    /// metrics' `rate_limited`).
+    /// Exempts probes (see [`exempt`]); past the limit, the 429 (counted in the metrics'
+    /// `rate_limited`).
     pub(crate) fn admit(&self, req: &Request) -> Admission {
-        let path = req.uri().path();
-        if path == "/health" || path == "/metrics" {
+        if exempt(req.uri().path()) {
             return Admission::Exempt;
         }
         // Clients that went quiet are dropped once there are many; looked at now and then
